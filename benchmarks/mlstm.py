@@ -1,0 +1,135 @@
+"""CPU throughput of the mLSTM cell (forward + backward) and of the whole LocalBlock.
+
+Shapes: float32, batch 4, d_model 576 (SmolLM2), 16 heads -> d_qk = 18, d_v = 36 per head; lengths
+512 / 2048 / 4096; 2 threads. Compared, on the same inputs in the same run:
+
+- bytelift's chunkwise form (``mlstm_chunkwise``);
+- bytelift's plain recurrent loop (``mlstm_recurrent``), timed on the first LOOP_STEPS steps and scaled
+  to the full length (its cost per step does not depend on the position);
+- mlstm_kernels' pure-PyTorch chunkwise kernels ``chunkwise--native_autograd`` and
+  ``chunkwise--native_custbw`` (they take the same (B, NH, S, DH) tensors and the same gate
+  pre-activations: log input gate i, forget pre-activation f to which they apply logsigmoid, q scaled
+  by 1/sqrt(d_qk), eps 1e-6), when the package is installed (``pip install mlstm_kernels einops``).
+  mlstm_kernels is licensed under the NXAI Community License (not Apache/MIT); it is only used here,
+  for comparison, never by bytelift itself.
+
+Run:  .venv/bin/python benchmarks/mlstm.py            (about 2-3 minutes on 2 cores)
+The last line printed is one JSON object with the ratios and the per-length numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from bytelift.mlstm import DEFAULT_CHUNK_SIZE, LocalBlock, mlstm_chunkwise, mlstm_recurrent
+
+BATCH, D_MODEL, HEADS = 4, 576, 16
+D_QK, D_V = D_MODEL // 2 // HEADS, D_MODEL // HEADS  # 18, 36
+LENGTHS = (512, 2048, 4096)
+LOOP_STEPS = 128  # the recurrent loop is timed on this many steps and scaled
+THREADS = 2
+
+
+def make_inputs(seq_len: int, seed: int = 0) -> list[torch.Tensor]:
+    """Random cell inputs q, k (B,H,S,d_qk), v (B,H,S,d_v), i, f (B,H,S) that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(BATCH, HEADS, seq_len, D_QK)] * 2 + [(BATCH, HEADS, seq_len, D_V)] + [(BATCH, HEADS, seq_len)] * 2
+    q, k, v, i, f = (torch.randn(s, generator=g) for s in shapes)
+    # gate pre-activations in the soft-capped range the layer produces; forget gates mostly open
+    i, f = 3.0 * i - 2.0, 2.0 * f + 3.0
+    return [t.requires_grad_() for t in (q, k, v, i, f)]
+
+
+def time_fwd_bwd(fn, inputs: list[torch.Tensor], repeats: int) -> float:
+    """Median seconds of fn(*inputs) -> h, then h.backward(random), after one warm-up."""
+    grad = torch.randn_like(fn(*inputs).detach())
+    times = []
+    for _ in range(repeats + 1):
+        for t in inputs:
+            t.grad = None
+        start = time.perf_counter()
+        fn(*inputs).backward(grad)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def mlstm_kernels_fns() -> dict:
+    """name -> fn(q,k,v,i,f) -> h for the two pure-PyTorch mlstm_kernels chunkwise kernels, or {}."""
+    try:
+        from mlstm_kernels.torch import get_mlstm_kernel
+    except ImportError:
+        return {}
+    fns = {}
+    for name in ("chunkwise--native_autograd", "chunkwise--native_custbw"):
+        kernel = get_mlstm_kernel(name)
+        fns[name] = lambda q, k, v, i, f, _kernel=kernel: _kernel(q, k, v, i, f, chunk_size=DEFAULT_CHUNK_SIZE)
+    return fns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+
+    ours = lambda q, k, v, i, f: mlstm_chunkwise(q, k, v, i, f, chunk_size=args.chunk_size)[0]  # noqa: E731
+    loop = lambda q, k, v, i, f: mlstm_recurrent(q, k, v, i, f)[0]  # noqa: E731
+    theirs = mlstm_kernels_fns()
+    block = LocalBlock(D_MODEL, num_heads=HEADS)
+    if not theirs:
+        print("mlstm_kernels not installed: its columns are null (pip install mlstm_kernels einops)")
+
+    rows = []
+    for S in args.lengths:
+        tokens = BATCH * S
+        inputs = make_inputs(S)
+        row = {"seq_len": S, "chunkwise": tokens / time_fwd_bwd(ours, inputs, args.repeats)}
+        steps = min(S, LOOP_STEPS)
+        row["loop"] = BATCH * steps / time_fwd_bwd(loop, [t.detach()[:, :, :steps].requires_grad_() for t in inputs], 1)
+        with torch.no_grad():
+            h_ours = ours(*inputs)
+        max_diff = 0.0
+        for name, fn in theirs.items():
+            row[name] = tokens / time_fwd_bwd(fn, inputs, args.repeats)
+            with torch.no_grad():
+                max_diff = max(max_diff, (fn(*inputs) - h_ours).abs().max().item())
+        row["max_abs_diff_vs_mlstm_kernels"] = max_diff if theirs else None
+        x = torch.randn(BATCH, S, D_MODEL, requires_grad=True)
+        row["local_block"] = tokens / time_fwd_bwd(lambda x: block(x)[0], [x], args.repeats)
+        rows.append(row)
+
+    names = ["chunkwise", "loop", *theirs, "local_block"]
+    print(f"\nmLSTM cell fwd+bwd, tokens/s (B={BATCH}, H={HEADS}, d_qk={D_QK}, d_v={D_V}, float32, "
+          f"{THREADS} threads, chunk {args.chunk_size}; loop timed on {LOOP_STEPS} steps and scaled)")
+    print(f"{'S':>6} " + " ".join(f"{n:>28}" for n in names) + f" {'max|diff|':>10}")
+    for row in rows:
+        diff = row["max_abs_diff_vs_mlstm_kernels"]
+        print(f"{row['seq_len']:>6} " + " ".join(f"{row[n]:>28,.0f}" for n in names)
+              + f" {'n/a' if diff is None else f'{diff:.1e}':>10}")
+
+    def ratio(row: dict) -> float | None:
+        best = max((row[n] for n in theirs), default=None)
+        return None if best is None else row["chunkwise"] / best
+
+    ratios = [ratio(r) for r in rows]
+    result = {
+        "vs_mlstm_kernels": None if not theirs else min(ratios),
+        "vs_loop_4096": next((r["chunkwise"] / r["loop"] for r in rows if r["seq_len"] == 4096), None),
+        "chunk_size": args.chunk_size,
+        "per_length": [{**r, "vs_mlstm_kernels": q} for r, q in zip(rows, ratios)],
+    }
+    for n in names:
+        print(f"  {n}: " + ", ".join(f"{r['seq_len']}: {r[n]:,.0f}" for r in rows))
+    print(json.dumps(result, default=lambda v: round(v, 4) if isinstance(v, float) else v))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""ByteliftConfig: the byte-level model's hyper-parameters, with the source model's config nested inside.
+
+Every default is the reference (Bolmo) value; sizes that depend on the source default to `None` and are
+derived from the nested `source_config` (local width = source width, FFN ≈ 1.375 × width).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from bytelift.tokenization import BYTE_VOCAB_SIZE
+
+# Reference local FFN sizes are 2816 for d=2048 and 5504 for d=4096: 1.375·d, rounded to a multiple of 64.
+LOCAL_FFN_RATIO = 1.375
+LOCAL_FFN_MULTIPLE = 64
+
+
+class ByteliftConfig(PreTrainedConfig):
+    r"""Configuration of a byteified causal LM.
+
+    Args:
+        source_config: the nested config of the source causal LM; its transformer becomes the global model.
+        byte_vocab_size: V_b, the number of plain byte-side ids (specials + 256 bytes); the head has 2·V_b outputs.
+        subword_vocab_size: rows of the subword (longest-suffix) embedding: the source vocabulary + 1 "no subword" row.
+        local_hidden_size: d_l, width of the local encoder/decoder (default: the source width d_g).
+        encoder_layers / decoder_layers: local mLSTM blocks before / after the global model (reference 1 / 4).
+        local_heads: mLSTM heads (reference 16).
+        local_ffn_size: SwiGLU hidden size of a local block (default ≈1.375·d_l, multiple of 64).
+        local_norm_eps: eps of the local pre-norms and of the LM-head norm (reference 1e-6).
+        local_post_norm_eps: eps of the norm after the encoder and before depooling (reference 1e-5).
+        mlstm_chunk_size: chunk length of the chunkwise mLSTM form.
+        mlstm_gate_soft_cap: gate pre-activations are soft-capped to ±this value.
+        mlstm_igate_bias_init: input-gate bias at initialisation (−10 nearly disables the input gate at first).
+        boundary_threshold: byte t ends a patch iff p_t > this (reference 0.5).
+        boundary_lookahead: bytes of lookahead of the non-causal boundary predictor (reference 1).
+        boundary_cos_eps: cos is clipped to 1 − eps before log(1 − cos) so log p stays finite (reference 1e-3).
+        source_name_or_path: where the source came from (informational).
+    """
+
+    model_type = "bytelift"
+    sub_configs_defaults = {"source_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    source_config: dict | PreTrainedConfig | None = None
+    byte_vocab_size: int = BYTE_VOCAB_SIZE
+    subword_vocab_size: int | None = None
+    local_hidden_size: int | None = None
+    encoder_layers: int = 1
+    decoder_layers: int = 4
+    local_heads: int = 16
+    local_ffn_size: int | None = None
+    local_norm_eps: float = 1e-6
+    local_post_norm_eps: float = 1e-5
+    mlstm_chunk_size: int = 64
+    mlstm_gate_soft_cap: float = 15.0
+    mlstm_igate_bias_init: float = -10.0
+    boundary_threshold: float = 0.5
+    boundary_lookahead: int = 1
+    boundary_cos_eps: float = 1e-3
+    pooling_init_samples: int = 8192
+    source_name_or_path: str | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        src = self.source_config
+        if self.local_hidden_size is None:
+            self.local_hidden_size = src.hidden_size
+        if self.local_ffn_size is None:
+            raw = LOCAL_FFN_RATIO * self.local_hidden_size
+            self.local_ffn_size = max(LOCAL_FFN_MULTIPLE, int(round(raw / LOCAL_FFN_MULTIPLE)) * LOCAL_FFN_MULTIPLE)
+        if self.subword_vocab_size is None:
+            self.subword_vocab_size = src.vocab_size + 1
+        if self.local_hidden_size % self.local_heads != 0 or (self.local_hidden_size // 2) % self.local_heads != 0:
+            raise ValueError(
+                f"local_hidden_size={self.local_hidden_size} must be divisible by 2·local_heads={2 * self.local_heads} "
+                "(q/k are d/2 wide and split across heads)"
+            )
+        if self.boundary_lookahead != 1:
+            raise ValueError("only boundary_lookahead=1 is implemented (the reference value)")
+
+    @property
+    def global_hidden_size(self) -> int:
+        """d_g, the source model's width."""
+        return self.source_config.hidden_size
+
+    @property
+    def fused_vocab_size(self) -> int:
+        """2·V_b: plain ids, then the same ids fused with "ends a patch"."""
+        return 2 * self.byte_vocab_size
+
+    @property
+    def no_subword_id(self) -> int:
+        """Row of the subword embedding used where no source token ends at a byte (starts at zero)."""
+        return self.subword_vocab_size - 1
+
+    @property
+    def max_patches(self) -> int | None:
+        """Longest patch sequence the global model accepts (its context length), if it declares one."""
+        return getattr(self.source_config, "max_position_embeddings", None) or getattr(
+            self.source_config, "n_positions", None
+        )

@@ -1,0 +1,710 @@
+"""Byte-level generation: prefill, cached decoding, batching, streaming (DESIGN §3, spec §5.4).
+
+Shapes: B batch, L prompt bytes (left-padded), S global KV slots, d_l local width, d_g global width,
+V_b = 260 byte-side ids, 2·V_b = 520 fused outputs (id k + V_b = "symbol k, and it ends a patch").
+
+Prefill (one encoder pass). The predictor needs one byte of lookahead, so the last prompt byte's
+boundary is undecidable: it is rolled back and the first decoding step is *forced* to emit it, the LM
+head choosing only whether it closes a patch. The model input is therefore prompt[:-1]; but the encoder
+is causal, so one pass over the *whole* prompt gives exactly the states of prompt[:-1] at positions
+0..L-2, the lookahead h_{L-1} the predictor needs for position L-2, *and* the encoder step of the forced
+byte (h_{L-1} and the mLSTM state after it). The reference runs the encoder twice; we reuse that pass.
+
+Decoding, per byte: one encoder step and one decoder step (recurrent mLSTM, S = 1), and a global step
+(one new KV slot) when a patch closed. Boundaries while decoding come from the head's fused ids.
+
+Batching (rows at different patch positions). Every global step appends one KV slot for *all* rows; the
+slot is marked valid in the global attention mask only for rows that closed a patch, and each row gets
+explicit `position_ids` = its own count of valid patches. So every row attends to exactly its own
+patches at exactly its own positions, whatever the other rows do: a row's output equals the row alone
+(up to float rounding of batched matmuls). *When* the global model runs is a policy, `global_sync`:
+the fraction of unfinished rows that must be waiting (closed a patch) before it runs. 1.0 parks rows
+that closed a patch until every row has (the reference's scheme: the fewest global steps); a tiny value
+runs it whenever any row closed a patch (no parking, but the global model runs for the whole batch
+nearly every byte). Measured on 2 CPU cores (benchmarks/generate.py): parking is the faster at batch
+16, the global step being the dominant cost; both are identical at batch 1.
+Prompt patches are left-padded in the global prefill (as the reference), so with parking the cache has
+no holes after the prefill; that keeps sliding-window sources exact (their windows count KV slots), and
+for them `global_sync` is forced to 1.0.
+
+Sampling. The head's 520 fused logits are folded into the 260-way next-symbol distribution
+p(k) = p(k plain) + p(k fused); the logits processors (temperature, top-k, top-p, repetition penalty,
+user processors) see these folded log-probs and the real, un-fused byte history, and pick the byte.
+The end-of-patch flag is then the head's conditional decision p(fused | byte) > 1/2 (log-odds > 0, plus
+`boundary_bias`), deterministic like the predictor's threshold during prefill: a boundary is a
+segmentation decision, not content, so temperature does not randomise it. Pad, bos and filler can never
+be generated; eos only with `eos=True`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import queue
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID
+
+# Default number of new bytes (≈ 16 source tokens of English).
+DEFAULT_MAX_NEW_BYTES = 64
+# Global KV-slot capacity grows in blocks of this many slots (the mask buffer is reallocated rarely).
+SLOT_BLOCK = 256
+# Special ids that generation never emits (EOS is governed by `eos`).
+NEVER_GENERATED = (PAD_ID, BOS_ID, FILLER_ID)
+
+
+@dataclass
+class GenerateOutput:
+    """Result of `generate(..., return_dict=True)`.
+
+    sequences: (B, L + T) the prompt as given (left-padded) followed by the new byte ids (un-fused;
+        eos included when it stopped the row), right-padded with PAD_ID; T = the longest row's new bytes.
+    new_ids: (B, T) the new byte ids alone, right-padded with PAD_ID.
+    num_new_bytes: (B,) new ids per row (the forced last prompt byte is prompt, not new).
+    boundaries: (B, T) bool, new byte t closed a patch.
+    prompt_boundaries: (B, L) bool, the prompt's boundaries (predictor; the last byte's by the head).
+    texts: the new bytes of each row decoded as UTF-8 (invalid bytes replaced, specials dropped).
+    global_steps: how many times the global model ran while decoding (prefill excluded).
+    """
+
+    sequences: torch.Tensor
+    new_ids: torch.Tensor
+    num_new_bytes: torch.Tensor
+    boundaries: torch.Tensor
+    prompt_boundaries: torch.Tensor
+    texts: list[str]
+    global_steps: int
+
+
+def _uses_sliding_window(config) -> bool:
+    """True when some layer of the global model attends within a window of KV slots."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return any("sliding" in str(t) for t in types)
+    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+
+
+class DecodingSession:
+    """Cached decoding state of a batch: mLSTM states, the global KV cache and per-row bookkeeping.
+
+    Protocol: `logits = prefill()` gives the (B, 2·V_b) logits that predict the last prompt byte; then
+    `logits, ready = step(symbols)` repeatedly, where `symbols` (B,) are fused ids for the rows that were
+    `ready` after the previous call (the first call: the last prompt byte, fused or not). `ready` (B,) bool
+    marks the rows whose returned logits are valid (a row that closed a patch may wait for the global
+    model; finished rows never become ready). Set rows in `finished` to stop them.
+    """
+
+    def __init__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        expanded_ids: torch.Tensor | None = None,
+        global_sync: float = 1.0,
+    ):
+        """input_ids (B, L) left-padded byte-side ids (bos first); attention_mask (B, L); expanded_ids (B, L)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        if model.tokenizer is None or model.tokenizer.expander is None:
+            raise ValueError("generation needs the byte tokenizer attached (model.attach_tokenizer(...)) for the "
+                             "longest-suffix ids of new bytes")
+        if not 0.0 < global_sync <= 1.0:
+            raise ValueError(f"global_sync must be in (0, 1], got {global_sync}")
+        self.model = model
+        self.device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        mask = attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0 or not mask[:, -1].all() or not mask.any(dim=1).all():
+            raise ValueError("every prompt needs at least one byte (bos) and the batch must be left-padded")
+        if int(input_ids.max()) >= BYTE_VOCAB_SIZE or int(input_ids.min()) < 0:
+            raise ValueError(f"input_ids must lie in [0, {BYTE_VOCAB_SIZE}); un-fuse them first")
+        self.input_ids, self.mask = input_ids, mask
+        self.expanded_ids = model.expand(input_ids, mask) if expanded_ids is None else expanded_ids
+        self.expander = model.tokenizer.expander
+        gcfg = model.global_model.config
+        self.global_sync = 1.0 if _uses_sliding_window(gcfg) else global_sync
+        self.max_patches = model.config.max_patches
+        B = input_ids.shape[0]
+        self.finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        self.ready = torch.ones(B, dtype=torch.bool, device=self.device)
+        self.waiting = torch.zeros(B, dtype=torch.bool, device=self.device)
+        self.global_steps = 0
+        self._first = True
+
+    # --- prefill ---------------------------------------------------------------------------------------
+
+    def prefill(self) -> torch.Tensor:
+        """Encoder + predictor over the prompt, global model over its patches, decoder over prompt[:-1].
+
+        Returns:
+            (B, 2·V_b) logits at the last model-input position (they predict the last prompt byte).
+        """
+        model, ids, mask = self.model, self.input_ids, self.mask
+        B, L = ids.shape
+        enc, dec = model.encoder, model.decoder
+        # One pass over the whole prompt (see the module docstring): h (B, L, d_l), states after byte L-1.
+        h, self.enc_states = enc(ids, self.expanded_ids, mask=mask)
+        logp = model.boundary_predictor(h, mask)
+        boundary = model.predict_boundaries(logp, mask)[:, : L - 1]  # position L-1 is undecided
+        self.prompt_boundaries = torch.cat([boundary, torch.zeros_like(mask[:, :1])], dim=1)
+        self.h_last = h[:, -1]  # the encoder output of the forced byte, already computed
+        # Rows whose prompt is only bos: their one byte is the forced byte and always ends a patch.
+        self.bos_only = mask.sum(dim=1) == 1
+        width = max(self.expander.max_token_len, 1)
+        prompt = np.where(mask.cpu().numpy(), ids.cpu().numpy(), PAD_ID)[:, -width:]
+        self.history = np.full((B, width), PAD_ID, dtype=np.int64)
+        self.history[:, width - prompt.shape[1] :] = prompt
+
+        counts = boundary.sum(dim=1)  # (B,) prompt patches (excluding the forced byte's)
+        P = int(counts.max()) if L > 1 else 0
+        if self.max_patches is not None and P > self.max_patches:
+            raise ValueError(
+                f"the prompt has {P} patches but the global model's context holds {self.max_patches}; "
+                "shorten the prompt"
+            )
+        self.n_patches = counts.clone()
+        capacity = P + SLOT_BLOCK
+        self.kv_mask = torch.zeros(B, capacity, dtype=torch.long, device=self.device)
+        self.num_slots = P
+        self.cache = DynamicCache(config=model.global_model.config)
+        d_l = model.config.local_hidden_size
+        if P == 0:  # nothing to run: every prompt is bos alone
+            self.g_last = h.new_zeros(B, d_l)
+            self.dec_states = None
+            return h.new_zeros(B, 2 * BYTE_VOCAB_SIZE)
+
+        # Left-pad the patch axis: slot s of row r holds its patch s - offset_r (the reference does the
+        # same), so that with parking the cache has no holes after these slots.
+        patches, _, _ = _pool_left(h[:, : L - 1], boundary, P)
+        offset = P - counts  # (B,)
+        slots = torch.arange(P, device=self.device)[None, :]
+        valid = slots >= offset[:, None]
+        self.kv_mask[:, :P] = valid.long()
+        position_ids = (slots - offset[:, None]).clamp(min=0)
+        g = self._run_global(patches, position_ids)  # (B, P, d_g)
+
+        # Decoder over prompt[:-1]: byte t reads the row's latest patch that ended at or before t.
+        index = (boundary.long().cumsum(dim=1) - 1 + offset[:, None]).clamp(0, P - 1)
+        z = dec.depool(h[:, : L - 1], g, index)
+        x, self.dec_states = dec(z, mask=mask[:, : L - 1])
+        self.g_last = self._depool_global(g[:, -1])  # every row's latest prompt patch sits in slot P-1
+        return model.head(x[:, -1])
+
+    def forced_symbols(self, logits: torch.Tensor, boundary_bias: float = 0.0) -> torch.Tensor:
+        """The first step's symbols: the last prompt byte, fused iff the head says it closes a patch.
+
+        Args:
+            logits: (B, 2·V_b) from `prefill`.
+        Returns:
+            (B,) fused ids; a bos-only prompt's byte always closes its patch.
+        """
+        last = self.input_ids[:, -1]
+        logodds = logits.gather(1, (last + BYTE_VOCAB_SIZE)[:, None])[:, 0] - logits.gather(1, last[:, None])[:, 0]
+        flag = (logodds.float() + boundary_bias > 0) | self.bos_only
+        self.prompt_boundaries[:, -1] = flag
+        return last + BYTE_VOCAB_SIZE * flag.long()
+
+    # --- one decoding step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consume one symbol per ready row; run the global model if the policy says so; decoder step.
+
+        Args:
+            symbols: (B,) fused ids (read only for rows that were ready and are not finished).
+        Returns:
+            logits (B, 2·V_b) (valid for `ready` rows), ready (B,) bool.
+        """
+        model = self.model
+        fresh = self.ready & ~self.finished
+        flag = symbols >= BYTE_VOCAB_SIZE
+        byte = symbols - BYTE_VOCAB_SIZE * flag.long()
+        if self._first:  # the prefill pass already ran the encoder over the forced byte
+            self._first = False
+        else:
+            h = self._encoder_step(byte, fresh)
+            self.h_last = torch.where(fresh[:, None], h, self.h_last)
+        self.waiting |= fresh & flag
+        ready = fresh & ~flag
+        if self._global_due():
+            ready |= self._global_step()
+        z = self.g_last + model.decoder.in_projection(self.h_last)
+        x, self.dec_states = model.decoder(z[:, None], mask=ready[:, None], states=self.dec_states)
+        self.ready = ready
+        return model.head(x[:, 0]), ready
+
+    def _encoder_step(self, byte: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """(B,) new bytes, (B,) rows that consume one -> (B, d_l) encoder outputs (garbage for other rows).
+
+        The longest-suffix id of the new byte needs only the row's last max-token-length bytes: `history`
+        (B, W) is that window, shifted by one for the rows that consume a byte.
+        """
+        fresh_np, byte_np = fresh.cpu().numpy(), byte.cpu().numpy()
+        shifted = np.concatenate([self.history[:, 1:], byte_np[:, None]], axis=1)
+        self.history = np.where(fresh_np[:, None], shifted, self.history)
+        expanded = torch.from_numpy(self.expander.expand_last(self.history, 1)).to(self.device)
+        enc = self.model.encoder
+        x = enc.embed(byte[:, None], expanded)
+        y, self.enc_states = enc.layers(x, states=self.enc_states, mask=fresh[:, None])
+        return enc.norm(y[:, 0])
+
+    def _global_due(self) -> bool:
+        """The `global_sync` policy: enough unfinished rows wait for the global model."""
+        waiting = int(self.waiting.sum())
+        if waiting == 0:
+            return False
+        unfinished = int((~self.finished).sum())
+        return waiting >= math.ceil(self.global_sync * unfinished - 1e-9)
+
+    def _global_step(self) -> torch.Tensor:
+        """Append one KV slot for every row, valid for the waiting rows. Returns the rows served (B,)."""
+        served = self.waiting
+        if self.max_patches is not None:  # a row whose context is full stops instead
+            full = served & (self.n_patches >= self.max_patches)
+            if bool(full.any()):
+                self.finished |= full
+                served = served & ~full
+        if self.num_slots == self.kv_mask.shape[1]:
+            self.kv_mask = torch.cat([self.kv_mask, torch.zeros_like(self.kv_mask[:, :SLOT_BLOCK])], dim=1)
+        self.kv_mask[:, self.num_slots] = served.long()
+        self.num_slots += 1
+        g = self._run_global(self.h_last[:, None], self.n_patches[:, None])[:, 0]
+        self.g_last = torch.where(served[:, None], self._depool_global(g), self.g_last)
+        self.n_patches = self.n_patches + served.long()
+        self.waiting = torch.zeros_like(self.waiting)
+        self.global_steps += 1
+        return served
+
+    def _run_global(self, patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B, P, d_l) pooled states, (B, P) positions -> (B, P, d_g) global outputs; appends P KV slots.
+
+        Not `model.run_global`: its context check counts KV slots, which exceed a row's patch count when
+        rows idle (invalid slots); here each row's own patch count is checked instead.
+        """
+        model = self.model
+        embeds = model.pooling_projection(patches)
+        dtype = next(model.global_model.parameters()).dtype
+        out = model.global_model(
+            inputs_embeds=embeds.to(dtype),
+            attention_mask=self.kv_mask[:, : self.num_slots],
+            position_ids=position_ids,
+            use_cache=True,
+            **{model._cache_argument: self.cache},
+        )
+        return out.last_hidden_state.to(patches.dtype)
+
+    def _depool_global(self, g: torch.Tensor) -> torch.Tensor:
+        """(B, d_g) global outputs -> (B, d_l) their contribution to the decoder input."""
+        dec = self.model.decoder
+        g = dec.global_norm(g)
+        return dec.global_projection(g) if dec.global_projection is not None else g
+
+
+def _pool_left(h: torch.Tensor, boundary: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encoder states at patch ends, left-padded per row.
+
+    Args:
+        h: (B, L, d) encoder states; boundary: (B, L) bool; P: the largest patch count of a row.
+    Returns:
+        patches (B, P, d) (row r's j-th patch at slot P - count_r + j; padding slots repeat position 0),
+        valid (B, P) bool, positions (B, P) long byte positions.
+    """
+    B, L, d = h.shape
+    pos = torch.arange(L, device=h.device).expand(B, L)
+    # Non-boundary positions sort first (they become left padding), boundary positions last, in order.
+    key = torch.where(boundary, pos + L, pos)
+    order = key.argsort(dim=1)[:, L - P :]
+    valid = boundary.gather(1, order)
+    positions = torch.where(valid, order, torch.zeros_like(order))
+    return h.gather(1, positions[..., None].expand(B, P, d)), valid, positions
+
+
+# ---------------------------------------------------------------------------------------------------
+# choosing the next symbol
+
+
+def build_logits_processors(
+    do_sample: bool,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    logits_processor: Sequence | None = None,
+) -> LogitsProcessorList:
+    """transformers processors applied to the folded (B, V_b) next-symbol log-probs."""
+    procs = LogitsProcessorList()
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    procs.extend(logits_processor or [])
+    if do_sample:
+        if temperature is not None and temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k > 0:
+            procs.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p))
+    return procs
+
+
+def choose_symbols(
+    logits: torch.Tensor,
+    banned: torch.Tensor,
+    processors: LogitsProcessorList,
+    history: torch.Tensor | None,
+    do_sample: bool,
+    generator: torch.Generator | None,
+    boundary_bias: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next byte from the folded distribution, then its end-of-patch flag.
+
+    Args:
+        logits: (B, 2·V_b) fused logits.
+        banned: (V_b,) float, -inf for ids that may not be generated, 0 elsewhere.
+        history: (B, T) un-fused ids so far (prompt + new), for the processors; None without processors.
+    Returns:
+        byte (B,) long un-fused ids, flag (B,) bool (the byte closes a patch).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    plain, fused = logp[:, :BYTE_VOCAB_SIZE], logp[:, BYTE_VOCAB_SIZE:]
+    scores = torch.logaddexp(plain, fused) + banned
+    if len(processors):
+        scores = processors(history, scores)
+    if do_sample:
+        byte = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+    else:
+        byte = scores.argmax(dim=-1)
+    logodds = (fused - plain).gather(1, byte[:, None])[:, 0]
+    return byte, logodds + boundary_bias > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# streaming
+
+
+class ByteTextStreamer(BaseStreamer):
+    """A `transformers` streamer (`put` / `end`) for byte ids that emits text only at UTF-8 character
+    boundaries (an incremental UTF-8 decoder; invalid bytes become U+FFFD; special ids are dropped).
+
+    Args:
+        skip_prompt: drop the first `put` (the prompt), as `TextStreamer(skip_prompt=True)`.
+        on_text: called with each non-empty text piece (default: print it without a newline).
+    """
+
+    def __init__(self, skip_prompt: bool = True, on_text=None):
+        self.skip_prompt = skip_prompt
+        self.on_text = on_text
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._prompt_pending = skip_prompt
+
+    def put(self, value) -> None:
+        """value: (n,) or (1, n) byte-side ids (fused ids allowed)."""
+        ids = torch.as_tensor(value).reshape(-1) if not isinstance(value, torch.Tensor) else value
+        if ids.dim() > 1:
+            if ids.shape[0] != 1:
+                raise ValueError("ByteTextStreamer supports batch size 1")
+            ids = ids[0]
+        if self._prompt_pending:
+            self._prompt_pending = False
+            return
+        ids = ids.cpu().numpy().astype(np.int64)
+        ids = np.where(ids >= BYTE_VOCAB_SIZE, ids - BYTE_VOCAB_SIZE, ids)
+        data = (ids[ids >= BYTE_OFFSET] - BYTE_OFFSET).astype(np.uint8).tobytes()
+        self._emit(self._decoder.decode(data))
+
+    def end(self) -> None:
+        self._emit(self._decoder.decode(b"", final=True))
+        self._decoder.reset()
+        self._prompt_pending = self.skip_prompt
+        self.on_end()
+
+    def _emit(self, text: str) -> None:
+        if text:
+            if self.on_text is None:
+                print(text, end="", flush=True)
+            else:
+                self.on_text(text)
+
+    def on_end(self) -> None:
+        """Called once generation ended (after the last text)."""
+
+
+class ByteTextIteratorStreamer(ByteTextStreamer):
+    """`ByteTextStreamer` whose text pieces are read by iterating it (from another thread), as
+    `transformers.TextIteratorStreamer`."""
+
+    _STOP = object()
+
+    def __init__(self, skip_prompt: bool = True, timeout: float | None = None):
+        self.queue: queue.Queue = queue.Queue()
+        self.timeout = timeout
+        super().__init__(skip_prompt=skip_prompt, on_text=self.queue.put)
+
+    def on_end(self) -> None:
+        self.queue.put(self._STOP)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        item = self.queue.get(timeout=self.timeout)
+        if item is self._STOP:
+            raise StopIteration
+        return item
+
+
+# ---------------------------------------------------------------------------------------------------
+# the public API
+
+
+class ByteliftGenerationMixin:
+    """Adds `generate` and `stream` to ByteliftForCausalLM."""
+
+    def _prepare_prompts(self, input_ids, attention_mask, expanded_ids):
+        """str / bytes / list of them / (B, L) tensor -> (input_ids, attention_mask, expanded_ids) tensors."""
+        if isinstance(input_ids, (str, bytes, bytearray)) or (
+            isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (str, bytes, bytearray))
+        ):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need the byte tokenizer attached")
+            batch = self.tokenizer(input_ids if isinstance(input_ids, (list, tuple)) else [input_ids],
+                                   padding=True, padding_side="left", return_tensors="pt")
+            device = self.encoder.byte_embedding.weight.device
+            return (batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    batch["expanded_ids"].to(device))
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a tensor, str, bytes or a list of them, got {type(input_ids).__name__}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+            expanded_ids = None if expanded_ids is None else expanded_ids.reshape(1, -1)
+        if attention_mask is not None and not attention_mask.bool()[:, -1].all():
+            raise ValueError("generate needs left-padded prompts (padding_side='left')")
+        return input_ids, attention_mask, expanded_ids
+
+    def _generate_steps(
+        self,
+        input_ids,
+        attention_mask=None,
+        expanded_ids=None,
+        max_new_bytes: int = DEFAULT_MAX_NEW_BYTES,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop_strings: str | bytes | Sequence[str | bytes] | None = None,
+        eos: bool = True,
+        seed: int | None = None,
+        logits_processor: Sequence | None = None,
+        boundary_bias: float = 0.0,
+        global_sync: float = 1.0,
+        state: dict | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The decoding loop as a generator: yields (emitted (B,) bool, byte (B,) long) after each step;
+        the final buffers are left in `state` (a dict the caller passes)."""
+        if max_new_bytes < 0:
+            raise ValueError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
+        input_ids, attention_mask, expanded_ids = self._prepare_prompts(input_ids, attention_mask, expanded_ids)
+        B, L = input_ids.shape
+        device = input_ids.device
+        session = DecodingSession(self, input_ids, attention_mask, expanded_ids, global_sync=global_sync)
+        state = {} if state is None else state
+        state["session"] = session
+        out = torch.full((B, max_new_bytes + 1), PAD_ID, dtype=torch.long, device=device)  # last col: sink
+        flags = torch.zeros(B, max_new_bytes + 1, dtype=torch.bool, device=device)
+        counts = torch.zeros(B, dtype=torch.long, device=device)
+        state.update(out=out, flags=flags, counts=counts, input_ids=input_ids, attention_mask=session.mask)
+
+        with torch.inference_mode():
+            logits = session.prefill()
+            symbols = session.forced_symbols(logits, boundary_bias)
+            if max_new_bytes == 0:
+                return
+            banned = torch.zeros(BYTE_VOCAB_SIZE, device=device)
+            banned[list(NEVER_GENERATED) + ([] if eos else [EOS_ID])] = -math.inf
+            processors = build_logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty,
+                                                 logits_processor)
+            generator = None
+            if do_sample and seed is not None:
+                generator = torch.Generator(device=device).manual_seed(seed)
+            stops = _stop_sequences(stop_strings, device)
+            tail_len = max((len(s) for s in stops), default=0)
+            tail = None
+            if tail_len:
+                prompt_tail = torch.where(session.mask, input_ids, PAD_ID)[:, -tail_len:]
+                tail = torch.cat([torch.full((B, tail_len - prompt_tail.shape[1]), PAD_ID, device=device,
+                                             dtype=torch.long), prompt_tail], dim=1)
+            prompt_history = torch.where(session.mask, input_ids, PAD_ID) if len(processors) else None
+            sink = torch.full((B,), max_new_bytes, dtype=torch.long, device=device)
+
+            while True:
+                logits, ready = session.step(symbols)
+                history = None
+                if prompt_history is not None:
+                    history = torch.cat([prompt_history, out[:, :max_new_bytes]], dim=1)
+                byte, flag = choose_symbols(logits, banned, processors, history, do_sample, generator, boundary_bias)
+                col = torch.where(ready, counts, sink)[:, None]
+                out.scatter_(1, col, byte[:, None])
+                flags.scatter_(1, col, flag[:, None])
+                counts += ready.long()
+                done = counts >= max_new_bytes
+                if eos:
+                    done |= byte == EOS_ID
+                if tail is not None:
+                    tail = torch.where(ready[:, None], torch.cat([tail[:, 1:], byte[:, None]], dim=1), tail)
+                    for stop in stops:  # per stop string, vectorised over rows
+                        done |= (tail[:, tail_len - len(stop) :] == stop).all(dim=1)
+                session.finished |= ready & done
+                symbols = byte + BYTE_VOCAB_SIZE * flag.long()
+                yield ready, byte
+                if bool(session.finished.all()):
+                    return
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids=None,
+        attention_mask: torch.Tensor | None = None,
+        expanded_ids: torch.Tensor | None = None,
+        max_new_bytes: int | None = None,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop_strings: str | bytes | Sequence[str | bytes] | None = None,
+        eos: bool = True,
+        seed: int | None = None,
+        streamer: BaseStreamer | None = None,
+        logits_processor: Sequence | None = None,
+        boundary_bias: float = 0.0,
+        global_sync: float = 1.0,
+        return_dict: bool = False,
+        max_new_tokens: int | None = None,
+    ):
+        """Generate bytes after each prompt (greedy by default).
+
+        Args:
+            input_ids: (B, L) left-padded byte-side ids with bos first (a ByteTokenizer batch), or a str /
+                bytes / list of them (tokenized with the attached tokenizer).
+            attention_mask: (B, L) 1 = real byte; expanded_ids: (B, L) longest-suffix ids (computed if absent).
+            max_new_bytes: exact cap on new bytes per row (`max_new_tokens` is an alias); the last prompt
+                byte, re-emitted by the forced first step, is prompt, not new.
+            do_sample, temperature, top_k, top_p, repetition_penalty, logits_processor: the byte choice
+                (see the module docstring: processors act on folded 260-way log-probs and byte history).
+            stop_strings: a row stops once its text (prompt tail included) ends with one of these, which
+                must end in a new byte; the stop string is kept in the output.
+            eos: stop a row at EOS (plain or fused); False bans EOS.
+            seed: seeds a private torch.Generator for sampling (reproducible, leaves the global RNG alone).
+            streamer: `put`/`end` streamer (batch 1), e.g. `ByteTextStreamer` or `transformers.TextStreamer(
+                model.tokenizer)`; gets the prompt first, then each new byte id.
+            boundary_bias: added to the log-odds of "this byte closes a patch" (0 = the head's decision).
+            global_sync: batching policy in (0, 1]; see the module docstring (1.0 = park rows).
+            return_dict: return a `GenerateOutput` instead of the (B, L + T) `sequences` tensor.
+        """
+        if max_new_tokens is not None:
+            if max_new_bytes is not None and max_new_bytes != max_new_tokens:
+                raise ValueError("pass max_new_bytes or max_new_tokens, not both")
+            max_new_bytes = max_new_tokens
+        max_new_bytes = DEFAULT_MAX_NEW_BYTES if max_new_bytes is None else max_new_bytes
+        state: dict = {}
+        steps = self._generate_steps(
+            input_ids, attention_mask, expanded_ids, max_new_bytes=max_new_bytes, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            stop_strings=stop_strings, eos=eos, seed=seed, logits_processor=logits_processor,
+            boundary_bias=boundary_bias, global_sync=global_sync, state=state,
+        )
+        first = True
+        for ready, byte in steps:
+            if streamer is not None:
+                if first:
+                    _check_streamable(state["input_ids"])
+                    streamer.put(state["input_ids"][state["attention_mask"]].cpu())
+                    first = False
+                if bool(ready[0]):
+                    streamer.put(byte[:1].cpu())
+        if streamer is not None:
+            if first:  # nothing generated: the prompt still goes first
+                _check_streamable(state["input_ids"])
+                streamer.put(state["input_ids"][state["attention_mask"]].cpu())
+            streamer.end()
+        return self._finish(state, return_dict)
+
+    def stream(self, prompt, **kwargs) -> Iterator[str]:
+        """Generate after one prompt and yield the new text piece by piece, each piece ending at a UTF-8
+        character boundary (invalid bytes become U+FFFD). Keyword arguments as `generate`."""
+        kwargs.pop("streamer", None)
+        kwargs.pop("return_dict", None)
+        if "max_new_tokens" in kwargs:
+            kwargs.setdefault("max_new_bytes", kwargs.pop("max_new_tokens"))
+        state: dict = {}
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with torch.inference_mode():
+            steps = self._generate_steps(prompt, state=state, **kwargs)
+            for ready, byte in steps:
+                if state["input_ids"].shape[0] != 1:
+                    raise ValueError("stream() takes one prompt")
+                b = int(byte[0])
+                if bool(ready[0]) and b >= BYTE_OFFSET:
+                    text = decoder.decode(bytes([b - BYTE_OFFSET]))
+                    if text:
+                        yield text
+        text = decoder.decode(b"", final=True)
+        if text:
+            yield text
+
+    def _finish(self, state: dict, return_dict: bool):
+        session: DecodingSession = state["session"]
+        counts, out, flags = state["counts"], state["out"], state["flags"]
+        T = int(counts.max()) if counts.numel() else 0
+        new_ids, boundaries = out[:, :T], flags[:, :T]
+        sequences = torch.cat([state["input_ids"], new_ids], dim=1)
+        if not return_dict:
+            return sequences
+        texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True)
+                 for row, n in zip(new_ids.cpu().numpy(), counts.tolist())] if self.tokenizer is not None else []
+        return GenerateOutput(
+            sequences=sequences,
+            new_ids=new_ids,
+            num_new_bytes=counts,
+            boundaries=boundaries,
+            prompt_boundaries=session.prompt_boundaries,
+            texts=texts,
+            global_steps=session.global_steps,
+        )
+
+
+def _check_streamable(input_ids: torch.Tensor) -> None:
+    if input_ids.shape[0] != 1:
+        raise ValueError("streaming supports one prompt at a time (batch size 1)")
+
+
+def _stop_sequences(stop_strings, device) -> list[torch.Tensor]:
+    """str / bytes / list of them -> list of (m,) byte-id tensors."""
+    if stop_strings is None:
+        return []
+    if isinstance(stop_strings, (str, bytes, bytearray)):
+        stop_strings = [stop_strings]
+    stops = []
+    for s in stop_strings:
+        data = s.encode("utf-8") if isinstance(s, str) else bytes(s)
+        if not data:
+            raise ValueError("empty stop string")
+        stops.append(torch.tensor(list(data), dtype=torch.long, device=device) + BYTE_OFFSET)
+    return stops

@@ -1,0 +1,848 @@
+"""The mLSTM cell and the local block of the byte-level encoder/decoder (DESIGN §1.3, §1.8, §1.9).
+
+The cell, per head, with an exponential input gate and a sigmoid forget gate (spec §2.2 step 3):
+
+    lf_t = logsigmoid(f_t)                          log forget gate
+    m_t  = max(lf_t + m_{t-1}, i_t)                 stabiliser (running max of the log gates)
+    C_t  = exp(lf_t + m_{t-1} - m_t) C_{t-1} + exp(i_t - m_t) k_t v_tᵀ          (d_qk, d_v)
+    n_t  = exp(lf_t + m_{t-1} - m_t) n_{t-1} + exp(i_t - m_t) k_t               (d_qk,)
+    h_t  = C_tᵀ q̂_t / (max(|n_tᵀ q̂_t|, exp(-m_t)) + 1e-6),   q̂_t = q_t / sqrt(d_qk)
+
+with the initial state C = 0, n = 0, m = 0. The stabiliser cancels out of h except in the 1e-6 eps, so
+every form below computes *the same* m (the running max of the recurrence above, including the
+initial state's m) so that they agree to rounding, eps included.
+
+Three forms of this one function (plus a plain loop used as the reference and benchmark baseline):
+
+- ``mlstm_parallel``   quadratic in S; simplest; for short sequences.
+- ``mlstm_chunkwise``  intra-chunk parallel, inter-chunk recurrent; linear in S; training and prefill.
+- ``mlstm_step``       one time step; decoding.
+- ``mlstm_recurrent``  a Python loop over ``mlstm_step``.
+
+All take q, k (B, H, S, d_qk), v (B, H, S, d_v) and the gate pre-activations i, f (B, H, S) (already
+soft-capped by the layer), optionally a state to continue from, a ``mask`` and a ``reset``:
+
+- ``mask`` (B, S) bool, False = this position does not touch the state (neutral gates: log-forget 0,
+  input gate -inf, so C, n, m are carried over exactly). Its output is finite but meaningless.
+  Used for padding and for parking rows during batched decoding.
+- ``reset`` (B, S) bool, True = a new sequence starts here: the state before this position is
+  replaced by the initial state (0, 0, 0), so the result is exactly that of a fresh call on the
+  suffix. (The reference instead sets the forget pre-activation to -1e5 there, which matches a fresh
+  start only up to the eps term; ours is exact.) A position that is both reset and masked leaves the
+  initial state behind.
+
+Recurrences run in float32 (float64 if the inputs are float64) whatever the activation dtype; the
+state (``MLSTMState``) is always in that dtype and h is cast back to the input dtype.
+
+Gradients: the stabiliser m is treated as a constant (it is computed without gradient) in every
+form. It cancels out of h except in the 1e-6 eps, so this only drops an eps-sized term, and it makes
+all forms differentiate the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The reference kernels add this to the denominator of h (mlstm_kernels, all forms).
+EPS = 1e-6
+# Chunk length of the chunkwise form. Measured on 2 CPU cores (benchmarks/mlstm.py, d_qk=18, d_v=36,
+# B=4, H=16, fwd+bwd): 32, 64 and 128 are within ~10% of each other at S=512..4096; 64 is the best or
+# tied at every length and matches the reference's HF default.
+DEFAULT_CHUNK_SIZE = 64
+# MLSTMLayer(backend="auto") uses the parallel form up to this length and the chunkwise form above it.
+# Up to one chunk both do the same work; beyond it the quadratic form loses (measured: parallel is
+# ~1.5x slower at S=128 and ~3x at S=256).
+PARALLEL_MAX_LEN = 64
+# The chunkwise form works through its (L, L) matrices in blocks of about this many bytes (see
+# _ChunkOutputs): small enough to stay in cache and to be recycled by the allocator.
+BLOCK_BYTES = 4 * 2**20
+# Gate pre-activation soft cap, input-gate bias and head-norm eps of the reference (spec §2.2).
+GATE_SOFT_CAP = 15.0
+IGATE_BIAS_INIT = -10.0
+NORM_EPS = 1e-6
+
+
+class MLSTMState(NamedTuple):
+    """Recurrent state of one mLSTM layer, always float32 (float64 for float64 inputs).
+
+    C: (B, H, d_qk, d_v) matrix memory; n: (B, H, d_qk) normaliser; m: (B, H) log-space stabiliser.
+    """
+
+    C: torch.Tensor
+    n: torch.Tensor
+    m: torch.Tensor
+
+    @classmethod
+    def zeros(cls, batch: int, heads: int, d_qk: int, d_v: int, device=None, dtype=torch.float32) -> MLSTMState:
+        """The initial state C = 0, n = 0, m = 0."""
+        return cls(
+            torch.zeros(batch, heads, d_qk, d_v, device=device, dtype=dtype),
+            torch.zeros(batch, heads, d_qk, device=device, dtype=dtype),
+            torch.zeros(batch, heads, device=device, dtype=dtype),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers shared by the forms
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (exactness tests); everything else computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _state_or_zeros(state: MLSTMState | None, B: int, H: int, d_qk: int, d_v: int, device, dtype) -> MLSTMState:
+    if state is None:
+        return MLSTMState.zeros(B, H, d_qk, d_v, device=device, dtype=dtype)
+    return MLSTMState(state.C.to(dtype), state.n.to(dtype), state.m.to(dtype))
+
+
+def _log_gates(
+    i: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate pre-activations -> (log input gate, log forget gate), both (B, H, S) in ``dtype``.
+
+    Masked positions (mask (B, S) False) get the neutral gates: log-forget 0 (no decay) and log-input
+    -inf (no write), so the state passes through them unchanged.
+    """
+    log_i = i.to(dtype)
+    log_f = F.logsigmoid(f.to(dtype))
+    if mask is not None:
+        keep = mask[:, None, :]
+        log_f = torch.where(keep, log_f, 0.0)
+        log_i = torch.where(keep, log_i, -math.inf)
+    return log_i, log_f
+
+
+def _reset_log_i(log_i: torch.Tensor, log_f: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
+    """Log input gates to use in the *stabiliser* maxima when resets are present, (B, H, S).
+
+    A reset at p replaces the previous state by the initial one, whose m = 0 then decays by lf_p. In the
+    maxima that defines m this acts like one more candidate ``lf_p + (decays after p)``, i.e. like an
+    input gate max(i_p, lf_p) at p. (The writes still use i_p: the initial state has C = 0, n = 0.)
+    """
+    return torch.where(reset[:, None, :], torch.maximum(log_i, log_f), log_i)
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """v (..., d_v) -> [v | 1] (..., d_v + 1).
+
+    The normaliser n is the matrix memory of a value that is constantly 1, so one matmul against
+    [v | 1] yields numerator and denominator of h together, and the state can be kept as one
+    (d_qk, d_v + 1) tensor [C | n].
+    """
+    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# step and plain recurrent loop
+
+
+def mlstm_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    mask: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One time step (decoding).
+
+    q, k: (B, H, d_qk); v: (B, H, d_v); i, f: (B, H) gate pre-activations; state: MLSTMState or None
+    (initial state); mask: (B,) bool, False = the row keeps its state bit-exactly; reset: (B,) bool,
+    True = the row starts from the initial state. Returns h (B, H, d_v) in q's dtype and the new state.
+    """
+    B, H, d_qk = q.shape
+    d_v = v.shape[-1]
+    in_dtype, dtype = q.dtype, _compute_dtype(q)
+    C, n, m = _state_or_zeros(state, B, H, d_qk, d_v, q.device, dtype)
+    if reset is not None:
+        r = reset[:, None]
+        C = torch.where(r[..., None, None], 0.0, C)
+        n = torch.where(r[..., None], 0.0, n)
+        m = torch.where(r, 0.0, m)
+    q, k, v = q.to(dtype) * d_qk**-0.5, k.to(dtype), v.to(dtype)
+    log_i, log_f = _log_gates(i[..., None], f[..., None], None if mask is None else mask[:, None], dtype)
+    log_i, log_f = log_i[..., 0], log_f[..., 0]  # (B, H); neutral where masked, so h reads the kept state
+
+    with torch.no_grad():
+        m_new = torch.maximum(log_f + m, log_i)
+    decay = torch.exp(log_f + m - m_new)  # (B, H)
+    write = torch.exp(log_i - m_new)  # (B, H)
+    C_new = decay[..., None, None] * C + (write[..., None] * k)[..., :, None] * v[..., None, :]
+    n_new = decay[..., None] * n + write[..., None] * k
+    num = torch.einsum("bhk,bhkv->bhv", q, C_new)
+    den = torch.einsum("bhk,bhk->bh", q, n_new)
+    h = num / (torch.maximum(den.abs(), torch.exp(-m_new)) + eps)[..., None]
+
+    if mask is not None:  # the neutral gates already carry the state over; this makes it bit-exact
+        keep = mask[:, None]
+        C_new = torch.where(keep[..., None, None], C_new, C)
+        n_new = torch.where(keep[..., None], n_new, n)
+        m_new = torch.where(keep, m_new, m)
+    return h.to(in_dtype), MLSTMState(C_new, n_new, m_new)
+
+
+def mlstm_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    mask: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """The plain loop over ``mlstm_step`` (reference and benchmark baseline; slow).
+
+    q, k: (B, H, S, d_qk); v: (B, H, S, d_v); i, f: (B, H, S); mask, reset: (B, S) bool or None.
+    Returns h (B, H, S, d_v) and the state after the last step.
+    """
+    hs = []
+    for t in range(q.shape[2]):
+        h, state = mlstm_step(
+            q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state,
+            mask=None if mask is None else mask[:, t],
+            reset=None if reset is None else reset[:, t],
+            eps=eps,
+        )
+        hs.append(h)
+    if not hs:  # S == 0: nothing to do, but still hand back a well-formed state
+        B, H, _, d_qk = q.shape
+        state = _state_or_zeros(state, B, H, d_qk, v.shape[-1], q.device, _compute_dtype(q))
+        return v.new_zeros(v.shape), state
+    return torch.stack(hs, dim=2), state
+
+
+# ---------------------------------------------------------------------------------------------------
+# parallel form
+
+
+def mlstm_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    mask: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """Quadratic form: all (t, s) pairs at once; O(S²) time and memory, for short sequences.
+
+    q, k: (B, H, S, d_qk); v: (B, H, S, d_v); i, f: (B, H, S) gate pre-activations; state: MLSTMState
+    or None; mask, reset: (B, S) bool or None (see the module docstring).
+    Returns h (B, H, S, d_v) in q's dtype and the state after the last position.
+
+    h_t = Σ_s D_ts (q̂_t·k_s) v_s / (max(|Σ_s D_ts (q̂_t·k_s)|, exp(-m_t)) + eps), with
+    D_ts = exp(Σ_{u=s+1..t} lf_u + i_s - m_t) for s ≤ t, plus the incoming state decayed to t.
+    """
+    B, H, S, d_qk = q.shape
+    d_v = v.shape[-1]
+    in_dtype, dtype = q.dtype, _compute_dtype(q)
+    state = _state_or_zeros(state, B, H, d_qk, d_v, q.device, dtype)
+    if S == 0:
+        return v.new_zeros(v.shape), state
+    q, k, v1 = q.to(dtype) * d_qk**-0.5, k.to(dtype), _with_ones(v.to(dtype))
+    log_i, log_f = _log_gates(i, f, mask, dtype)
+    Cn0 = torch.cat([state.C, state.n[..., None]], dim=-1)  # (B, H, d_qk, d_v + 1)
+
+    # Cumulative log-forget G_t = Σ_{u≤t} lf_u, in float64: over thousands of steps it reaches -1e3 and
+    # beyond, where float32 differences G_t - G_s would carry absolute errors of ~1e-4.
+    G = log_f.double().cumsum(-1)  # (B, H, S)
+    log_decay = (G[..., :, None] - G[..., None, :]).to(dtype)  # (B, H, S, S): Σ_{u=s+1..t} lf_u
+    log_init = (state.m.double()[..., None] + G).to(dtype)  # (B, H, S): the incoming m decayed to t
+    valid = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    log_i_max = log_i
+    if reset is not None:
+        seg = reset.long().cumsum(-1)  # (B, S): index of the sequence each position belongs to
+        valid = valid & (seg[:, None, :, None] == seg[:, None, None, :])  # (B, 1, S, S)
+        log_init = torch.where(seg[:, None, :] == 0, log_init, -math.inf)  # only until the first reset
+        log_i_max = _reset_log_i(log_i, log_f, reset)
+    log_w = torch.where(valid, log_decay + log_i[..., None, :], -math.inf)  # (B, H, S, S)
+    with torch.no_grad():
+        log_w_max = log_w if reset is None else torch.where(valid, log_decay + log_i_max[..., None, :], -math.inf)
+        m = torch.maximum(log_w_max.amax(-1), log_init)  # (B, H, S), the recurrence's m exactly
+
+    D = torch.exp(log_w - m[..., None])  # (B, H, S, S)
+    scores = (q @ k.transpose(-1, -2)) * D
+    init_w = torch.exp(log_init - m)  # (B, H, S): weight of the incoming state at t
+    num_den = scores @ v1 + init_w[..., None] * (q @ Cn0)  # (B, H, S, d_v + 1)
+    # h = numerator / (max(|denominator|, exp(-m)) + eps): exp(-m) is the stabilised lower bound 1
+    h = num_den[..., :d_v] / (torch.maximum(num_den[..., d_v].abs(), torch.exp(-m)) + eps)[..., None]
+
+    # The state after the last position: the last row of the weights applied to k v1ᵀ.
+    Cn = (k * D[..., -1, :, None]).transpose(-1, -2) @ v1 + init_w[..., -1, None, None] * Cn0
+    return h.to(in_dtype), MLSTMState(Cn[..., :d_v].contiguous(), Cn[..., d_v].contiguous(), m[..., -1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunkwise form
+
+
+def mlstm_chunkwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    mask: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """Chunkwise form: parallel inside chunks of ``chunk_size``, recurrent across chunks; any length S.
+
+    q, k: (B, H, S, d_qk); v: (B, H, S, d_v); i, f: (B, H, S) gate pre-activations; state: MLSTMState
+    or None; mask, reset: (B, S) bool or None (see the module docstring).
+    Returns h (B, H, S, d_v) in q's dtype and the state after the last position.
+
+    Split in two: everything per position and per chunk that is a scalar (cumulative log gates,
+    stabilisers, the weights of keys and carried states) is computed here with plain autograd on
+    (B, H, N, L) tensors; everything d-wide (states, outputs) happens in ``_ChunkwiseCore``, which has a
+    hand-written backward. Work is O(S·L·d) with L = chunk_size, plus a Python loop over the S/L chunks
+    that does one small multiply-add of states per chunk.
+    """
+    B, H, S, d_qk = q.shape
+    d_v = v.shape[-1]
+    in_dtype, dtype = q.dtype, _compute_dtype(q)
+    state = _state_or_zeros(state, B, H, d_qk, d_v, q.device, dtype)
+    if S == 0:
+        return v.new_zeros(v.shape), state
+    L = min(chunk_size, S)
+    N = -(-S // L)  # number of chunks
+    pad = N * L - S
+
+    log_i, log_f = _log_gates(i, f, mask, dtype)
+    log_i_max = None if reset is None else _reset_log_i(log_i, log_f, reset)
+    if pad:  # pad the gates with neutral positions: they change neither the outputs nor the state
+        log_f = F.pad(log_f, (0, pad), value=0.0)
+        log_i = F.pad(log_i, (0, pad), value=-math.inf)
+        if reset is not None:
+            log_i_max = F.pad(log_i_max, (0, pad), value=-math.inf)
+            reset = F.pad(reset, (0, pad), value=False)
+    log_i, log_f = log_i.reshape(B, H, N, L), log_f.reshape(B, H, N, L)
+
+    g = log_f.cumsum(-1)  # (B, H, N, L): log decay from the chunk start through position t
+    g_last = g[..., -1]  # (B, H, N): log decay across the whole chunk
+    x = log_i - g  # (B, H, N, L): log weight of key s, up to the reader's g_t (weight_ts = g_t + x_s)
+    # log decay of the incoming state across each chunk; a reset in the chunk cuts it
+    chunk_decay = g_last if reset is None else torch.where(reset.reshape(B, 1, N, L).any(-1), -math.inf, g_last)
+    x_state = x  # log weight of key s in its chunk's final state (up to g_last)
+    mask_bias = torch.zeros(L, L, dtype=dtype, device=q.device).masked_fill_(
+        ~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), -math.inf
+    )  # (L, L): 0 where key s is visible from t (s <= t), -inf elsewhere
+
+    with torch.no_grad():
+        if reset is None:
+            # max_{s≤t} (g_t + x_s) = g_t + cummax(x)_t: O(L) instead of a max over the (L, L) matrix
+            x_cummax = x.cummax(-1).values
+            m_intra = g + x_cummax  # (B, H, N, L) stabiliser of the intra-chunk terms at t
+            chunk_max = g_last + x_cummax[..., -1]  # (B, H, N) same, seen from the chunk end
+            carries_in = None
+        else:
+            seg = reset.reshape(B, N, L).long().cumsum(-1)  # (B, N, L): 0 = still the incoming sequence
+            same_seg = seg[:, None, :, :, None] == seg[:, None, :, None, :]  # (B, 1, N, L, L)
+            mask_bias = torch.where(same_seg, mask_bias, -math.inf)
+            x_max = log_i_max.reshape(B, H, N, L) - g
+            m_intra = (g[..., :, None] + x_max[..., None, :] + mask_bias).amax(-1)
+            in_last_seg = (seg == seg[..., -1:])[:, None]  # (B, 1, N, L): keys that reach the chunk end
+            chunk_max = g_last + torch.where(in_last_seg, x_max, -math.inf).amax(-1)
+            carries_in = (seg == 0)[:, None]  # (B, 1, N, L): rows that still see the incoming state
+
+        # Stabiliser of the state entering (m_in) and leaving (m_out) each chunk: the recurrence
+        # m' = max(decay + m, chunk_max), a loop over chunks on (B, H) tensors.
+        m_c, m_in = state.m, []
+        for decay_c, max_c in zip(chunk_decay.unbind(-1), chunk_max.unbind(-1)):
+            m_in.append(m_c)
+            m_c = torch.maximum(decay_c + m_c, max_c)
+        m_in = torch.stack(m_in, dim=-1)  # (B, H, N)
+        m_out = torch.cat([m_in[..., 1:], m_c[..., None]], dim=-1)  # (B, H, N)
+        # log weight of the incoming state at t, up to g_t: its m, or -inf in rows after a reset
+        c_in = m_in[..., None].expand(B, H, N, L)
+        if carries_in is not None:
+            c_in = torch.where(carries_in, c_in, -math.inf)
+        m = torch.maximum(m_intra, g + c_in)  # (B, H, N, L), equal to the recurrence's m_t
+
+    if reset is not None:
+        x_state = torch.where(in_last_seg, x, -math.inf)
+    key_w = torch.exp(g_last[..., None] + x_state - m_out[..., None])  # (B, H, N, L) key weights in chunk states
+    carry = torch.exp(chunk_decay + m_in - m_out)  # (B, H, N) weight of the incoming state in the outgoing
+    Cn0 = torch.cat([state.C, state.n[..., None]], dim=-1)  # (B, H, d_qk, d_v + 1)
+    h, Cn = _ChunkwiseCore.apply(q, k, v, g - m, x, c_in, m, key_w, carry, Cn0, mask_bias, eps)
+    return h.to(in_dtype), MLSTMState(Cn[..., :d_v].contiguous(), Cn[..., d_v].contiguous(), m_c)
+
+
+def _chunk_groups(N: int, bytes_per_chunk: int) -> list[tuple[int, int]]:
+    """Consecutive chunk ranges [c0, c1) whose (L, L) temporaries take about BLOCK_BYTES each."""
+    step = max(1, BLOCK_BYTES // bytes_per_chunk)
+    return [(c0, min(c0 + step, N)) for c0 in range(0, N, step)]
+
+
+class _Workspace:
+    """Named scratch buffers reused from one group of chunks to the next.
+
+    Fresh memory is expensive: the first touch of every page the allocator gets from the OS costs a page
+    fault (measured here at ~2 ms per MB, more than the arithmetic done on it). Buffers are allocated
+    once, for the largest group, and smaller groups use a prefix.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.buffers = device, dtype, {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel, device=self.device, dtype=self.dtype)
+        return buf[:numel].view(shape)
+
+
+def _gather(ws: _Workspace, name: str, t: torch.Tensor, c0: int, c1: int, L: int, ones: bool = False) -> torch.Tensor:
+    """Chunks [c0, c1) of a (B, H, S, d) tensor (any strides and dtype) as one contiguous
+    (B·H·G, L, d) batch in the workspace, zero-padded past S, with a column of ones appended when
+    ``ones`` (G = c1 - c0)."""
+    B, H, S, d = t.shape
+    t0, t1 = c0 * L, min(c1 * L, S)
+    out = ws(name, B, H, (c1 - c0) * L, d + ones)
+    out[:, :, : t1 - t0, :d] = t[:, :, t0:t1]
+    if t1 - t0 < (c1 - c0) * L:
+        out[:, :, t1 - t0 :, :d] = 0.0
+    if ones:
+        out[..., d] = 1.0
+    return out.view(-1, L, d + ones)
+
+
+def _scatter(dst: torch.Tensor, src: torch.Tensor, c0: int, L: int) -> None:
+    """Write the first d columns of a (B·H·G, L, ≥d) batch into the chunks starting at c0 of a
+    (B, H, S, d) tensor (the part before S)."""
+    B, H, S, d = dst.shape
+    t0 = c0 * L
+    rows = src.view(B, H, -1, src.shape[-1])[..., :d]
+    dst[:, :, t0 : t0 + rows.shape[2]] = rows[:, :, : S - t0]
+
+
+class _ChunkwiseCore(torch.autograd.Function):
+    """The d-wide part of the chunkwise form, with a hand-written backward.
+
+    Inputs: q, k (B, H, S, d_qk), v (B, H, S, d_v) (any strides, any float dtype); and per chunk
+    (N chunks of L, S ≤ N·L), in the compute dtype: w = g - m, x, c, m (B, H, N, L), key_w (B, H, N, L),
+    carry (B, H, N), Cn0 (B, H, d_qk, d_v + 1), mask_bias (L, L) or (B, 1, N, L, L); eps a float.
+    With q̂ = q/sqrt(d_qk) and v1 = [v | 1] it computes, for position t of chunk j,
+
+        out_t = Σ_s exp(w_t + x_s + mask_bias_ts) (q̂_t·k_s) v1_s  +  exp(w_t + c_t) Cn_jᵀ q̂_t
+        Cn_{j+1} = carry_j Cn_j + Σ_s key_w_s k_s v1_sᵀ,         Cn_0 = Cn0
+        h_t = out_t[:d_v] / (max(|out_t[d_v]|, exp(-m_t)) + eps)
+
+    and returns h (B, H, S, d_v) and the last state Cn_N. (n is the memory of the constant 1 column, so
+    [C | n] evolve as one tensor and one matmul gives numerator and denominator.)
+
+    Why by hand: autograd would keep and re-read a dozen (B, H, S, d)- and (…, L, L)-sized
+    intermediates. Here the chunks are processed in groups whose temporaries live in one reused
+    workspace that stays in cache; the (L, L) matrices and the states inside a group are recomputed in
+    the backward from the group's entry state instead of being stored; and the gate gradients need no
+    (L, L) work at all: d out_t/d w_t = out_t gives dw_t = <dout_t, out_t>, and dx_s = <v1_s, dv1_s>.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, x, c, m, key_w, carry, Cn0, mask_bias, eps):
+        B, H, S, d_qk = q.shape
+        d_v = v.shape[-1]
+        N, L = w.shape[-2:]
+        ws = _Workspace(q.device, w.dtype)
+        groups = _chunk_groups(N, B * H * L * L * w.element_size())
+        h = torch.empty(B, H, S, d_v, dtype=w.dtype, device=q.device)
+        den = torch.empty_like(w)  # (B, H, N, L) denominators, for the backward
+        Cn_groups = []  # the state entering each group
+        Cn = Cn0
+        for c0, c1 in groups:
+            Cn_groups.append(Cn)
+            g = _ChunkwiseCore._group(ws, q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn, c0, c1)
+            Cn = g.Cn_out
+            out = torch.bmm(g.scores, g.v1, out=ws("out", *g.v1.shape))
+            out.baddbmm_(g.q_inter, g.Cn_in)  # + the incoming state
+            den_g = out[..., d_v]
+            inv = 1.0 / (torch.maximum(den_g.abs(), torch.exp(-g.m)) + eps)
+            _scatter(h, out.mul_(inv[..., None]), c0, L)
+            den[:, :, c0:c1] = den_g.view(B, H, c1 - c0, L)
+        ctx.eps, ctx.groups = eps, groups
+        ctx.save_for_backward(q, k, v, w, x, c, m, key_w, carry, mask_bias, torch.stack(Cn_groups, 2), h, den)
+        return h, Cn
+
+    @staticmethod
+    def _group(ws, q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn, c0, c1) -> _Group:
+        """Everything the outputs of chunks [c0, c1) need, from the state Cn (B, H, d_qk, d_v + 1) that
+        enters chunk c0. Tensors are (b, L, ·) with b = B·H·(c1 - c0)."""
+        B, H, _, d_qk = q.shape
+        L = w.shape[-1]
+        G = c1 - c0
+        q_g = _gather(ws, "q", q, c0, c1, L).mul_(d_qk**-0.5)
+        k_g = _gather(ws, "k", k, c0, c1, L)
+        v1 = _gather(ws, "v1", v, c0, c1, L, ones=True)
+        w_g, x_g, c_g, m_g, key_w_g = (t[:, :, c0:c1].reshape(-1, L) for t in (w, x, c, m, key_w))
+        b = q_g.shape[0]
+        # intra-chunk weights; the mask's -inf goes in before the exp, which so never sees the (possibly
+        # huge) positive exponents above the diagonal
+        bias = mask_bias if mask_bias.dim() == 2 else mask_bias[:, :, c0:c1].expand(B, H, G, L, L).reshape(b, L, L)
+        weights = torch.add(w_g[:, :, None], x_g[:, None, :], out=ws("weights", b, L, L)).add_(bias).exp_()
+        scores = torch.bmm(q_g, k_g.transpose(1, 2), out=ws("scores", b, L, L)).mul_(weights)
+        inter_w = torch.exp(w_g + c_g)
+        q_inter = torch.mul(q_g, inter_w[..., None], out=ws("q_inter", b, L, d_qk))
+        # the chunks' own states, then the recurrence through the group
+        k_w = torch.mul(k_g, key_w_g[..., None], out=ws("k_w", b, L, d_qk))
+        chunk_Cn = torch.bmm(k_w.transpose(1, 2), v1, out=ws("chunk_Cn", b, d_qk, v1.shape[-1]))
+        chunk_Cn = chunk_Cn.view(B, H, G, d_qk, -1)
+        Cn_in = ws("Cn_in", B, H, G, d_qk, v1.shape[-1])
+        for j in range(G):
+            Cn_in[:, :, j] = Cn
+            Cn = torch.addcmul(chunk_Cn[:, :, j], carry[:, :, c0 + j, None, None], Cn)
+        return _Group(q_g, k_g, v1, weights, scores, inter_w, q_inter, k_w, key_w_g, m_g,
+                      Cn_in.view(b, d_qk, -1), Cn)
+
+    @staticmethod
+    def backward(ctx, dh, dCn_last):
+        q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn_groups, h, den = ctx.saved_tensors
+        B, H, S, d_qk = q.shape
+        d_v = v.shape[-1]
+        N, L = w.shape[-2:]
+        ws = _Workspace(q.device, w.dtype)
+        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+        dw, dx, dkey_w, dcarry = (torch.empty_like(t) for t in (w, x, key_w, carry))
+        dCn = torch.zeros_like(Cn_groups[:, :, 0]) if dCn_last is None else dCn_last.clone()
+        if dh is None:
+            dh = torch.zeros_like(h)
+        for gi in reversed(range(len(ctx.groups))):
+            c0, c1 = ctx.groups[gi]
+            G = c1 - c0
+            g = _ChunkwiseCore._group(ws, q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn_groups[:, :, gi], c0, c1)
+            b = g.q.shape[0]
+            # through the normaliser: h = num·inv, inv = 1/(max(|den|, e^-m) + eps), num = out[:d_v]
+            dh_g, h_g = _gather(ws, "dh", dh, c0, c1, L), _gather(ws, "h", h, c0, c1, L)
+            den_g = den[:, :, c0:c1].reshape(-1, L)
+            floor = torch.exp(-g.m)
+            inv = 1.0 / (torch.maximum(den_g.abs(), floor) + ctx.eps)
+            dh_h = h_g.mul_(dh_g).sum(-1)  # <dh, h> = <dh, num>·inv
+            dden = torch.where(den_g.abs() >= floor, -dh_h * inv * torch.sign(den_g), 0.0)
+            dout = ws("dout", b, L, d_v + 1)
+            torch.mul(dh_g, inv[..., None], out=dout[..., :d_v])
+            dout[..., d_v] = dden
+            dw[:, :, c0:c1] = (dh_h + dden * den_g).view(B, H, G, L)  # <dout, out>
+            # intra-chunk part
+            dv1 = torch.bmm(g.scores.transpose(1, 2), dout, out=ws("dv1", b, L, d_v + 1))
+            dx[:, :, c0:c1] = torch.mul(g.v1, dv1, out=ws("tmp", b, L, d_v + 1)).sum(-1).view(B, H, G, L)
+            dqk = torch.bmm(dout, g.v1.transpose(1, 2), out=ws("dqk", b, L, L)).mul_(g.weights)  # d(q̂ kᵀ)
+            dq_g = torch.bmm(dqk, g.k, out=ws("dq", b, L, d_qk))
+            dq_g.baddbmm_(dout.mul_(g.inter_w[..., None]), g.Cn_in.transpose(1, 2))  # dout scaled from here on
+            dk_g = torch.bmm(dqk.transpose(1, 2), g.q, out=ws("dk", b, L, d_qk))
+            # incoming states: their gradient from this group's outputs, then the recurrence backwards
+            dCn_out = torch.bmm(g.q.transpose(1, 2), dout, out=ws("dCn_out", b, d_qk, d_v + 1))
+            dCn_out = dCn_out.view(B, H, G, d_qk, d_v + 1)
+            Cn_in = g.Cn_in.view(B, H, G, d_qk, d_v + 1)
+            dchunk = ws("dchunk", B, H, G, d_qk, d_v + 1)
+            for j in reversed(range(G)):
+                dchunk[:, :, j] = dCn
+                dcarry[:, :, c0 + j] = (dCn * Cn_in[:, :, j]).sum((-2, -1))
+                dCn = torch.addcmul(dCn_out[:, :, j], carry[:, :, c0 + j, None, None], dCn)
+            # the chunks' own states: chunk_Cn = (k·key_w)ᵀ v1
+            dchunk = dchunk.view(b, d_qk, d_v + 1)
+            dk_w = torch.bmm(g.v1, dchunk.transpose(1, 2), out=ws("dk_w", b, L, d_qk))
+            dv1.baddbmm_(g.k_w, dchunk)
+            dk_g.addcmul_(dk_w, g.key_w[..., None])
+            dkey_w[:, :, c0:c1] = dk_w.mul_(g.k).sum(-1).view(B, H, G, L)
+            _scatter(dq, dq_g.mul_(d_qk**-0.5), c0, L)
+            _scatter(dk, dk_g, c0, L)
+            _scatter(dv, dv1, c0, L)
+        return dq, dk, dv, dw, dx, None, None, dkey_w, dcarry, dCn, None, None
+
+
+class _Group(NamedTuple):
+    """One group of chunks inside _ChunkwiseCore; (b, ·) tensors with b = B·H·(chunks in the group)."""
+
+    q: torch.Tensor  # (b, L, d_qk) q̂
+    k: torch.Tensor  # (b, L, d_qk)
+    v1: torch.Tensor  # (b, L, d_v + 1)
+    weights: torch.Tensor  # (b, L, L) intra-chunk weights exp(w_t + x_s), 0 where masked
+    scores: torch.Tensor  # (b, L, L) weights · (q̂ kᵀ)
+    inter_w: torch.Tensor  # (b, L) weight of the incoming state at t
+    q_inter: torch.Tensor  # (b, L, d_qk) q̂ · inter_w
+    k_w: torch.Tensor  # (b, L, d_qk) k · key_w
+    key_w: torch.Tensor  # (b, L)
+    m: torch.Tensor  # (b, L)
+    Cn_in: torch.Tensor  # (b, d_qk, d_v + 1) state entering each chunk
+    Cn_out: torch.Tensor  # (B, H, d_qk, d_v + 1) state leaving the group
+
+
+# ---------------------------------------------------------------------------------------------------
+# optional GPU kernels (mlstm_kernels' Triton chunkwise kernel), thin and never required
+
+
+def _triton_available(x: torch.Tensor) -> bool:
+    """True when x is on CUDA and the optional ``mlstm_kernels`` package (with Triton) is importable."""
+    if not x.is_cuda:
+        return False
+    try:
+        from mlstm_kernels.torch import get_available_mlstm_kernels
+    except ImportError:
+        return False
+    return "chunkwise--triton_xl_chunk" in get_available_mlstm_kernels()
+
+
+# Neutral gate pre-activations for the Triton kernel, which takes pre-activations only: in float32,
+# logsigmoid(1e4) == 0 (no decay) and exp(-1e4 - m) == 0 (no write), so masked and padded positions pass
+# the state through exactly, as -inf would, without risking inf - inf inside the kernel.
+_TRITON_NEUTRAL_F, _TRITON_NEUTRAL_I = 1e4, -1e4
+
+
+def mlstm_chunkwise_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """mlstm_kernels' Triton chunkwise kernel (``chunkwise--triton_xl_chunk``), same function and shapes
+    as ``mlstm_chunkwise`` (no ``reset``: use the native form for that). CUDA only.
+
+    The kernel wants S to be a multiple of its chunk size, so the end is padded with neutral gates.
+    """
+    from mlstm_kernels.torch import get_mlstm_kernel
+
+    B, H, S, d_qk = q.shape
+    d_v = v.shape[-1]
+    state = _state_or_zeros(state, B, H, d_qk, d_v, q.device, torch.float32)
+    i, f = i.float(), f.float()
+    if mask is not None:
+        i = torch.where(mask[:, None, :], i, _TRITON_NEUTRAL_I)
+        f = torch.where(mask[:, None, :], f, _TRITON_NEUTRAL_F)
+    pad = -S % chunk_size
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        i = F.pad(i, (0, pad), value=_TRITON_NEUTRAL_I)
+        f = F.pad(f, (0, pad), value=_TRITON_NEUTRAL_F)
+    kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+    h, (C, n, m) = kernel(
+        q.float(), k.float(), v.float(), i, f,
+        c_initial=state.C, n_initial=state.n, m_initial=state.m[..., None],
+        return_last_states=True, chunk_size=chunk_size, eps=EPS,
+    )
+    return h[:, :, :S].to(q.dtype), MLSTMState(C.float(), n.float(), m.float().reshape(B, H))
+
+
+# ---------------------------------------------------------------------------------------------------
+# modules
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): smooth clamp to (-cap, cap), identity near 0."""
+    return cap * torch.tanh(x / cap)
+
+
+class MultiHeadLayerNorm(nn.Module):
+    """LayerNorm over each head's features separately (mean subtracted, biased variance, float32
+    reductions), with one learnable weight per (head, feature) and no bias, as the reference's
+    ``MultiHeadLayerNorm``. (B, S, H, d_head) -> (B, S, H * d_head).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, H, d = x.shape
+        y = F.layer_norm(x.float(), (d,), eps=self.eps).to(x.dtype)
+        return y.reshape(B, S, H * d) * self.weight
+
+
+BACKENDS = ("auto", "parallel", "chunkwise", "recurrent", "triton")
+
+
+class MLSTMLayer(nn.Module):
+    """The mLSTM layer of the local models (spec §2.2): projections, soft-capped gates, the cell, a
+    per-head LayerNorm, the sigmoid output gate and the output projection.
+
+    Parameters (d = d_model, H = num_heads, d_qk = qk_dim_factor·d, d_v = v_dim_factor·d):
+    q_proj, k_proj: d -> d_qk; v_proj, ogate_proj: d -> d_v; igate_proj, fgate_proj: d -> H with bias;
+    head_norm: weight (d_v,); out_proj: d_v -> d. Only the gates have biases.
+
+    Init: PyTorch defaults, except the input-gate bias = ``igate_bias_init`` (-10, the reference's
+    "disable input gate": the layer starts close to a no-op, so a pretrained residual stream is barely
+    disturbed). The forget-gate bias keeps PyTorch's default init (uniform ±1/sqrt(d)), as the reference
+    does; pass ``fgate_bias_init=(lo, hi)`` for an xLSTM-style linspace over heads (e.g. (3, 6): forget
+    gates open, long memory from the start).
+
+    ``backend``: "auto" (step for S == 1, parallel for S <= PARALLEL_MAX_LEN, chunkwise above),
+    "parallel", "chunkwise", "recurrent" (the slow loop), or "triton" (mlstm_kernels' Triton chunkwise
+    kernel when on CUDA with the package installed, else the native chunkwise form).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int = 16,
+        qk_dim_factor: float = 0.5,
+        v_dim_factor: float = 1.0,
+        gate_soft_cap: float = GATE_SOFT_CAP,
+        norm_eps: float = NORM_EPS,
+        igate_bias_init: float = IGATE_BIAS_INIT,
+        fgate_bias_init: tuple[float, float] | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        d_qk, d_v = int(d_model * qk_dim_factor), int(d_model * v_dim_factor)
+        if d_qk % num_heads or d_v % num_heads:
+            raise ValueError(f"q/k width {d_qk} and v width {d_v} must be divisible by num_heads={num_heads}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.d_model, self.num_heads, self.d_qk, self.d_v = d_model, num_heads, d_qk, d_v
+        self.gate_soft_cap, self.chunk_size, self.backend = gate_soft_cap, chunk_size, backend
+        self.igate_bias_init, self.fgate_bias_init = igate_bias_init, fgate_bias_init
+
+        self.q_proj = nn.Linear(d_model, d_qk, bias=False)
+        self.k_proj = nn.Linear(d_model, d_qk, bias=False)
+        self.v_proj = nn.Linear(d_model, d_v, bias=False)
+        self.ogate_proj = nn.Linear(d_model, d_v, bias=False)
+        self.igate_proj = nn.Linear(d_model, num_heads, bias=True)
+        self.fgate_proj = nn.Linear(d_model, num_heads, bias=True)
+        self.head_norm = MultiHeadLayerNorm(num_heads, d_v // num_heads, eps=norm_eps)
+        self.out_proj = nn.Linear(d_v, d_model, bias=False)
+        self.reset_gate_biases()
+
+    @torch.no_grad()
+    def reset_gate_biases(self) -> None:
+        """Input-gate bias <- igate_bias_init; forget-gate bias <- linspace(fgate_bias_init) if given."""
+        self.igate_proj.bias.fill_(self.igate_bias_init)
+        if self.fgate_bias_init is not None:
+            lo, hi = self.fgate_bias_init
+            self.fgate_proj.bias.copy_(torch.linspace(lo, hi, self.num_heads))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, S, H * d) -> (B, H, S, d)."""
+        B, S, _ = t.shape
+        return t.view(B, S, self.num_heads, -1).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MLSTMState | None = None,
+        mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MLSTMState]:
+        """x: (B, S, d_model); state: MLSTMState or None (start from zero); mask, reset: (B, S) bool or
+        None (mask False: position leaves the state untouched; reset True: a new sequence starts here).
+        Returns y (B, S, d_model) and the state after the last position (float32).
+        """
+        B, S, _ = x.shape
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        i = soft_cap(self.igate_proj(x), self.gate_soft_cap).transpose(1, 2)  # (B, H, S)
+        f = soft_cap(self.fgate_proj(x), self.gate_soft_cap).transpose(1, 2)
+
+        backend = self.backend
+        if backend == "triton" and (reset is not None or not _triton_available(x)):
+            backend = "chunkwise"  # the Triton path is optional; the native form computes the same
+        if backend == "auto":
+            backend = "step" if S == 1 else "parallel" if S <= PARALLEL_MAX_LEN else "chunkwise"
+        if backend == "step":
+            h, state = mlstm_step(
+                q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], state,
+                mask=None if mask is None else mask[:, 0], reset=None if reset is None else reset[:, 0],
+            )
+            h = h[:, :, None]
+        elif backend == "parallel":
+            h, state = mlstm_parallel(q, k, v, i, f, state, mask=mask, reset=reset)
+        elif backend == "chunkwise":
+            h, state = mlstm_chunkwise(q, k, v, i, f, state, mask=mask, reset=reset, chunk_size=self.chunk_size)
+        elif backend == "recurrent":
+            h, state = mlstm_recurrent(q, k, v, i, f, state, mask=mask, reset=reset)
+        else:  # triton
+            h, state = mlstm_chunkwise_triton(q, k, v, i, f, state, mask=mask)
+
+        h = self.head_norm(h.transpose(1, 2))  # (B, S, d_v)
+        y = self.out_proj(torch.sigmoid(self.ogate_proj(x)) * h)
+        return y, state
+
+
+def default_ffn_hidden(d_model: int) -> int:
+    """The reference's local FFN width ratio (2816 / 2048 = 1.375), rounded to a multiple of 64."""
+    return max(64, int(round(1.375 * d_model / 64)) * 64)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases. (..., d_model) -> (..., d_model)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LocalBlock(nn.Module):
+    """One block of the local encoder/decoder (spec §2.1), pre-norm residual:
+
+        y = x + mLSTM(RMSNorm(x));  out = y + SwiGLU(RMSNorm(y))
+
+    Extra keyword arguments go to MLSTMLayer (qk_dim_factor, chunk_size, backend, ...).
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int = 16, ffn_hidden: int | None = None, norm_eps: float = NORM_EPS, **mlstm_kwargs
+    ):
+        super().__init__()
+        self.mlstm_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mlstm = MLSTMLayer(d_model, num_heads=num_heads, **mlstm_kwargs)
+        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn = SwiGLU(d_model, ffn_hidden or default_ffn_hidden(d_model))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MLSTMState | None = None,
+        mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MLSTMState]:
+        """x: (B, S, d_model); state, mask, reset as in MLSTMLayer.forward. Returns (y, new_state)."""
+        h, state = self.mlstm(self.mlstm_norm(x), state, mask=mask, reset=reset)
+        x = x + h
+        return x + self.ffn(self.ffn_norm(x)), state
+
+
+class LocalStack(nn.Module):
+    """``num_blocks`` LocalBlocks in sequence; states travel as a list, one MLSTMState per block."""
+
+    def __init__(self, num_blocks: int, d_model: int, **block_kwargs):
+        super().__init__()
+        self.blocks = nn.ModuleList(LocalBlock(d_model, **block_kwargs) for _ in range(num_blocks))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        states: list[MLSTMState] | None = None,
+        mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[MLSTMState]]:
+        """x: (B, S, d_model); states: list of per-block MLSTMState or None. Returns (y, new_states)."""
+        states = states if states is not None else [None] * len(self.blocks)
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=True):
+            x, state = block(x, state, mask=mask, reset=reset)
+            new_states.append(state)
+        return x, new_states

