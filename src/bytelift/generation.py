@@ -21,8 +21,10 @@ patches at exactly its own positions, whatever the other rows do: a row's output
 the fraction of unfinished rows that must be waiting (closed a patch) before it runs. 1.0 parks rows
 that closed a patch until every row has (the reference's scheme: the fewest global steps); a tiny value
 runs it whenever any row closed a patch (no parking, but the global model runs for the whole batch
-nearly every byte). Measured on 2 CPU cores (benchmarks/generate.py): parking is the faster at batch
-16, the global step being the dominant cost; both are identical at batch 1.
+nearly every byte). In between, 0.5 (the default) runs it once half the unfinished rows wait. Measured on
+2 busy CPU cores (benchmarks/generate.py, batch 16): 0.5 beats both extremes by ~40%: parking idles rows
+(a round lasts as long as the longest patch of 16 rows), no parking runs the batch-wide global step
+nearly every byte. All three are identical at batch 1.
 Prompt patches are left-padded in the global prefill (as the reference), so with parking the cache has
 no holes after the prefill; that keeps sliding-window sources exact (their windows count KV slots), and
 for them `global_sync` is forced to 1.0.
@@ -58,6 +60,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID
 
+# Batching policy: the global model runs once at least this fraction of the unfinished rows closed a patch
+# (see the module docstring). Measured on SmolLM2, 2 busy CPU cores, batch 16, ~3.5 bytes/patch
+# (benchmarks/generate.py): 1.0 (park) 52 B/s, 0.5 74 B/s, 1e-3 (masked slots, no parking) 54 B/s.
+DEFAULT_GLOBAL_SYNC = 0.5
 # Default number of new bytes (≈ 16 source tokens of English).
 DEFAULT_MAX_NEW_BYTES = 64
 # Global KV-slot capacity grows in blocks of this many slots (the mask buffer is reallocated rarely).
@@ -113,7 +119,7 @@ class DecodingSession:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         expanded_ids: torch.Tensor | None = None,
-        global_sync: float = 1.0,
+        global_sync: float = DEFAULT_GLOBAL_SYNC,
     ):
         """input_ids (B, L) left-padded byte-side ids (bos first); attention_mask (B, L); expanded_ids (B, L)."""
         if input_ids.dim() != 2:
@@ -384,7 +390,8 @@ def choose_symbols(
     plain, fused = logp[:, :BYTE_VOCAB_SIZE], logp[:, BYTE_VOCAB_SIZE:]
     scores = torch.logaddexp(plain, fused) + banned
     if len(processors):
-        scores = processors(history, scores)
+        # Again after the processors: a user processor cannot resurrect a banned id.
+        scores = processors(history, scores) + banned
     if do_sample:
         byte = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
     else:
@@ -513,7 +520,8 @@ class ByteliftGenerationMixin:
         seed: int | None = None,
         logits_processor: Sequence | None = None,
         boundary_bias: float = 0.0,
-        global_sync: float = 1.0,
+        max_patch_bytes: int | None = None,
+        global_sync: float = DEFAULT_GLOBAL_SYNC,
         state: dict | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The decoding loop as a generator: yields (emitted (B,) bool, byte (B,) long) after each step;
@@ -550,15 +558,28 @@ class ByteliftGenerationMixin:
                 prompt_tail = torch.where(session.mask, input_ids, PAD_ID)[:, -tail_len:]
                 tail = torch.cat([torch.full((B, tail_len - prompt_tail.shape[1]), PAD_ID, device=device,
                                              dtype=torch.long), prompt_tail], dim=1)
-            prompt_history = torch.where(session.mask, input_ids, PAD_ID) if len(processors) else None
+            # The processors' view of each row: its un-fused ids so far, right-aligned (left-padded with
+            # PAD_ID, which they never see as a candidate: it is banned), as an HF (B, T) id tensor.
+            history = None
+            if len(processors):
+                history = torch.cat([torch.full((B, max_new_bytes), PAD_ID, dtype=torch.long, device=device),
+                                     torch.where(session.mask, input_ids, PAD_ID)], dim=1)
             sink = torch.full((B,), max_new_bytes, dtype=torch.long, device=device)
+            patch_len = None
+            if max_patch_bytes is not None:
+                if max_patch_bytes < 1:
+                    raise ValueError(f"max_patch_bytes must be >= 1, got {max_patch_bytes}")
+                # Bytes of each row's open patch, the forced byte included: after its last prompt boundary.
+                pb = session.prompt_boundaries
+                last = torch.where(pb, torch.arange(L, device=device), -1).max(dim=1).values
+                patch_len = (L - 1 - last).long()
 
             while True:
                 logits, ready = session.step(symbols)
-                history = None
-                if prompt_history is not None:
-                    history = torch.cat([prompt_history, out[:, :max_new_bytes]], dim=1)
                 byte, flag = choose_symbols(logits, banned, processors, history, do_sample, generator, boundary_bias)
+                if patch_len is not None:  # a patch reaching max_patch_bytes closes at its last byte
+                    flag |= patch_len + 1 >= max_patch_bytes
+                    patch_len = torch.where(ready, torch.where(flag, 0, patch_len + 1), patch_len)
                 col = torch.where(ready, counts, sink)[:, None]
                 out.scatter_(1, col, byte[:, None])
                 flags.scatter_(1, col, flag[:, None])
@@ -566,6 +587,8 @@ class ByteliftGenerationMixin:
                 done = counts >= max_new_bytes
                 if eos:
                     done |= byte == EOS_ID
+                if history is not None:
+                    history = torch.where(ready[:, None], torch.cat([history[:, 1:], byte[:, None]], dim=1), history)
                 if tail is not None:
                     tail = torch.where(ready[:, None], torch.cat([tail[:, 1:], byte[:, None]], dim=1), tail)
                     for stop in stops:  # per stop string, vectorised over rows
@@ -594,7 +617,8 @@ class ByteliftGenerationMixin:
         streamer: BaseStreamer | None = None,
         logits_processor: Sequence | None = None,
         boundary_bias: float = 0.0,
-        global_sync: float = 1.0,
+        max_patch_bytes: int | None = None,
+        global_sync: float = DEFAULT_GLOBAL_SYNC,
         return_dict: bool = False,
         max_new_tokens: int | None = None,
     ):
@@ -615,7 +639,10 @@ class ByteliftGenerationMixin:
             streamer: `put`/`end` streamer (batch 1), e.g. `ByteTextStreamer` or `transformers.TextStreamer(
                 model.tokenizer)`; gets the prompt first, then each new byte id.
             boundary_bias: added to the log-odds of "this byte closes a patch" (0 = the head's decision).
-            global_sync: batching policy in (0, 1]; see the module docstring (1.0 = park rows).
+            max_patch_bytes: a new byte that makes its patch this long closes it (the reference caps
+                patches at 128 bytes while decoding); None = no cap.
+            global_sync: batching policy in (0, 1]; see the module docstring (1.0 = park rows, as the
+                reference; tiny = never park). Outputs do not depend on it, only speed.
             return_dict: return a `GenerateOutput` instead of the (B, L + T) `sequences` tensor.
         """
         if max_new_tokens is not None:
@@ -628,7 +655,7 @@ class ByteliftGenerationMixin:
             input_ids, attention_mask, expanded_ids, max_new_bytes=max_new_bytes, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             stop_strings=stop_strings, eos=eos, seed=seed, logits_processor=logits_processor,
-            boundary_bias=boundary_bias, global_sync=global_sync, state=state,
+            boundary_bias=boundary_bias, max_patch_bytes=max_patch_bytes, global_sync=global_sync, state=state,
         )
         first = True
         for ready, byte in steps:

@@ -50,16 +50,17 @@ from torch import nn
 
 # The reference kernels add this to the denominator of h (mlstm_kernels, all forms).
 EPS = 1e-6
-# Chunk length of the chunkwise form. Measured on 2 CPU cores (benchmarks/mlstm.py, d_qk=18, d_v=36,
-# B=4, H=16, fwd+bwd): 32, 64 and 128 are within ~10% of each other at S=512..4096; 64 is the best or
-# tied at every length and matches the reference's HF default.
-DEFAULT_CHUNK_SIZE = 64
-# MLSTMLayer(backend="auto") uses the parallel form up to this length and the chunkwise form above it.
-# Up to one chunk both do the same work; beyond it the quadratic form loses (measured: parallel is
-# ~1.5x slower at S=128 and ~3x at S=256).
-PARALLEL_MAX_LEN = 64
-# The chunkwise form works through its (L, L) matrices in blocks of about this many bytes (see
-# _ChunkOutputs): small enough to stay in cache and to be recycled by the allocator.
+# Chunk length of the chunkwise form. Measured on this project's 2-core CPU (benchmarks/mlstm.py shapes:
+# B=4, H=16, d_qk=18, d_v=36, S=4096, fwd+bwd): 16 and 32 are within noise of each other, 64 is ~25%
+# slower, 128 ~2x slower (the (L, L) work per token grows with L). 32 also keeps the (L, L) matrices
+# of a group small. (The reference uses 64 in its HF code and 128 in training; the function is the same.)
+DEFAULT_CHUNK_SIZE = 32
+# MLSTMLayer(backend="auto") uses the parallel form up to this length and the chunkwise form above it:
+# up to one chunk both do the same work and the parallel form has less overhead; at S=64 the chunkwise
+# form is already ~1.2x faster (fwd+bwd, 1.6x forward only), at S=256 3.5x.
+PARALLEL_MAX_LEN = 32
+# The chunkwise form works through its chunks in groups whose (L, L) temporaries take about this many
+# bytes (see _ChunkwiseCore): small enough to stay in cache, big enough to keep Python overhead low.
 BLOCK_BYTES = 4 * 2**20
 # Gate pre-activation soft cap, input-gate bias and head-norm eps of the reference (spec §2.2).
 GATE_SOFT_CAP = 15.0
@@ -471,11 +472,12 @@ class _ChunkwiseCore(torch.autograd.Function):
             g = _ChunkwiseCore._group(ws, q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn, c0, c1)
             Cn = g.Cn_out
             out = torch.bmm(g.scores, g.v1, out=ws("out", *g.v1.shape))
-            out.baddbmm_(g.q_inter, g.Cn_in)  # + the incoming state
-            den_g = out[..., d_v]
-            inv = 1.0 / (torch.maximum(den_g.abs(), torch.exp(-g.m)) + eps)
+            q_inter = torch.mul(g.q, g.inter_w[..., None], out=ws("q_inter", *g.q.shape))
+            out.baddbmm_(q_inter, g.Cn_in)  # + the incoming state
+            den_g = den[:, :, c0:c1]
+            den_g.copy_(out[..., d_v].view(den_g.shape))
+            inv = 1.0 / (torch.maximum(out[..., d_v].abs(), torch.exp(-g.m)) + eps)
             _scatter(h, out.mul_(inv[..., None]), c0, L)
-            den[:, :, c0:c1] = den_g.view(B, H, c1 - c0, L)
         ctx.eps, ctx.groups = eps, groups
         ctx.save_for_backward(q, k, v, w, x, c, m, key_w, carry, mask_bias, torch.stack(Cn_groups, 2), h, den)
         return h, Cn
@@ -498,17 +500,16 @@ class _ChunkwiseCore(torch.autograd.Function):
         weights = torch.add(w_g[:, :, None], x_g[:, None, :], out=ws("weights", b, L, L)).add_(bias).exp_()
         scores = torch.bmm(q_g, k_g.transpose(1, 2), out=ws("scores", b, L, L)).mul_(weights)
         inter_w = torch.exp(w_g + c_g)
-        q_inter = torch.mul(q_g, inter_w[..., None], out=ws("q_inter", b, L, d_qk))
         # the chunks' own states, then the recurrence through the group
         k_w = torch.mul(k_g, key_w_g[..., None], out=ws("k_w", b, L, d_qk))
         chunk_Cn = torch.bmm(k_w.transpose(1, 2), v1, out=ws("chunk_Cn", b, d_qk, v1.shape[-1]))
         chunk_Cn = chunk_Cn.view(B, H, G, d_qk, -1)
-        Cn_in = ws("Cn_in", B, H, G, d_qk, v1.shape[-1])
-        for j in range(G):
-            Cn_in[:, :, j] = Cn
-            Cn = torch.addcmul(chunk_Cn[:, :, j], carry[:, :, c0 + j, None, None], Cn)
-        return _Group(q_g, k_g, v1, weights, scores, inter_w, q_inter, k_w, key_w_g, m_g,
-                      Cn_in.view(b, d_qk, -1), Cn)
+        Cn_in = ws("Cn_in", B, H, G, d_qk, v1.shape[-1])  # [:, :, j] enters chunk c0 + j
+        Cn_in[:, :, 0] = Cn
+        for j in range(G):  # one fused op per chunk, written straight into place
+            Cn = Cn_in[:, :, j + 1] if j + 1 < G else torch.empty_like(Cn)
+            torch.addcmul(chunk_Cn[:, :, j], carry[:, :, c0 + j, None, None], Cn_in[:, :, j], out=Cn)
+        return _Group(q_g, k_g, v1, weights, scores, inter_w, k_w, key_w_g, m_g, Cn_in.view(b, d_qk, -1), Cn)
 
     @staticmethod
     def backward(ctx, dh, dCn_last):
@@ -548,14 +549,16 @@ class _ChunkwiseCore(torch.autograd.Function):
             # incoming states: their gradient from this group's outputs, then the recurrence backwards
             dCn_out = torch.bmm(g.q.transpose(1, 2), dout, out=ws("dCn_out", b, d_qk, d_v + 1))
             dCn_out = dCn_out.view(B, H, G, d_qk, d_v + 1)
-            Cn_in = g.Cn_in.view(B, H, G, d_qk, d_v + 1)
-            dchunk = ws("dchunk", B, H, G, d_qk, d_v + 1)
+            # dCn_next[:, :, j]: gradient of the state leaving chunk c0 + j, which is also the gradient
+            # of that chunk's own contribution chunk_Cn; [:, :, j - 1] = dCn_out_j + carry_j dCn_next_j
+            dCn_next = ws("dCn_next", B, H, G, d_qk, d_v + 1)
+            dCn_next[:, :, G - 1] = dCn
             for j in reversed(range(G)):
-                dchunk[:, :, j] = dCn
-                dcarry[:, :, c0 + j] = (dCn * Cn_in[:, :, j]).sum((-2, -1))
-                dCn = torch.addcmul(dCn_out[:, :, j], carry[:, :, c0 + j, None, None], dCn)
+                dCn = dCn_next[:, :, j - 1] if j else torch.empty_like(dCn)  # ends as the group's entry grad
+                torch.addcmul(dCn_out[:, :, j], carry[:, :, c0 + j, None, None], dCn_next[:, :, j], out=dCn)
+            dcarry[:, :, c0:c1] = (dCn_next * g.Cn_in.view(B, H, G, d_qk, d_v + 1)).sum((-2, -1))
             # the chunks' own states: chunk_Cn = (k·key_w)ᵀ v1
-            dchunk = dchunk.view(b, d_qk, d_v + 1)
+            dchunk = dCn_next.view(b, d_qk, d_v + 1)
             dk_w = torch.bmm(g.v1, dchunk.transpose(1, 2), out=ws("dk_w", b, L, d_qk))
             dv1.baddbmm_(g.k_w, dchunk)
             dk_g.addcmul_(dk_w, g.key_w[..., None])
@@ -575,7 +578,6 @@ class _Group(NamedTuple):
     weights: torch.Tensor  # (b, L, L) intra-chunk weights exp(w_t + x_s), 0 where masked
     scores: torch.Tensor  # (b, L, L) weights · (q̂ kᵀ)
     inter_w: torch.Tensor  # (b, L) weight of the incoming state at t
-    q_inter: torch.Tensor  # (b, L, d_qk) q̂ · inter_w
     k_w: torch.Tensor  # (b, L, d_qk) k · key_w
     key_w: torch.Tensor  # (b, L)
     m: torch.Tensor  # (b, L)

@@ -1,0 +1,483 @@
+"""Training: typed run config, stage set-up (freezing, parameter groups) and a `transformers.Trainer`
+subclass (batching, accumulation, AdamW, warmup + linear decay, clipping, checkpoint rotation, resume,
+DDP/FSDP under torchrun, TensorBoard when installed, JSONL logs).
+
+    cfg = TrainConfig(stage=1, source="smollm2-135m", data=["corpus/"], output="runs/s1")
+    train(cfg)                                   # or: bytelift train --stage 1 --source ... --data ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from bytelift.losses import WHITESPACE_BYTES
+from bytelift.modeling import ByteliftForCausalLM, check_model_folder, fold_fused_logprobs
+from bytelift.objectives import Stage1Objective, Stage2Objective, decidable_positions
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET, ByteTokenizer
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+RUN_CONFIG_NAME = "bytelift_train_config.json"
+LOG_NAME = "log.jsonl"
+CHECKPOINT_PREFIX = "checkpoint-"
+# Parameters whose names contain these never get weight decay (the reference exempts the embeddings;
+# norm weights and biases are exempt by common practice).
+NO_DECAY_MARKERS = ("byte_embedding", "subword_embedding", "norm", "bias")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training stage. Defaults are the reference's, scaled for small models
+    where the reference values assume a cluster (window length, batch, steps)."""
+
+    stage: int = 1
+    source: str = "smollm2-135m"  # stage 1: the model to byteify (packaged name, HF folder, .gguf)
+    init_from: str | None = None  # stage 2: a stage-1 model folder or checkpoint
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    output: str = "runs/bytelift"
+    window_tokens: int = 256  # reference 4096
+    byte_expansion_factor: float = 6.0
+    heldout_fraction: float = 0.01
+    batch_size: int = 4  # windows per device per step (reference 32 × 4096 tokens in total)
+    grad_accum: int = 1
+    max_steps: int = 1000  # reference 75k (stage 1) / 150k (stage 2)
+    lr: float | None = None  # local lr; default 7e-4 (stage 1) / 5.2e-5 (stage 2)
+    global_lr: float | None = None  # stage 2 global lr; default lr / 2
+    weight_decay: float = 0.1
+    adam_beta2: float | None = None  # 0.999 (stage 1) / 0.95 (stage 2)
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 0.5
+    bf16: bool = False
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+    eval_steps: int = 200
+    eval_windows: int = 32
+    char_skill_rate: float = 0.0  # stage 2: fraction of character-skill documents mixed in
+    target_bytes_per_patch: float | None = None  # stage 2: merge boundaries up to this ratio
+    fsdp: bool = False
+    resume: bool = False
+    model: dict[str, Any] = field(default_factory=dict)  # ByteliftConfig overrides (stage 1)
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.lr is None:
+            self.lr = 7e-4 if self.stage == 1 else 5.2e-5
+        if self.global_lr is None:
+            self.global_lr = self.lr / 2
+        if self.adam_beta2 is None:
+            self.adam_beta2 = 0.999 if self.stage == 1 else 0.95
+        if isinstance(self.data, str):
+            self.data = [self.data]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """Read a YAML or JSON file; keyword overrides (e.g. from the command line) win."""
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training options in {path}: {sorted(unknown)}")
+        return cls(**{**values, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def whitespace_token_mask(tokenizer: ByteTokenizer, size: int) -> torch.Tensor:
+    """(size,) bool: source tokens whose bytes start with a space, newline or tab."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    for i, b in enumerate(tokenizer.source_vocab.token_bytes):
+        if b and b[0] in WHITESPACE_BYTES:
+            mask[i] = True
+    return mask
+
+
+def build_objective(cfg: TrainConfig) -> tuple[nn.Module, ByteTokenizer]:
+    """The model to train wrapped in its stage's objective, and the byte tokenizer."""
+    if cfg.stage == 1:
+        from bytelift.sources import load_source
+
+        source, source_tokenizer = load_source(cfg.source)
+        teacher_embedding = source.get_input_embeddings()  # kept: from_source drops it from the global model
+        model = ByteliftForCausalLM.from_source(source, source_tokenizer, seed=cfg.seed, **cfg.model)
+        tok = model.tokenizer
+        vocab_rows = source.get_output_embeddings().weight.shape[0]
+        objective = Stage1Objective(
+            model,
+            teacher_lm=source,
+            teacher_embedding=teacher_embedding,
+            whitespace_tokens=whitespace_token_mask(tok, vocab_rows),
+            teacher_start_id=tok.special_to_source[BOS_ID],
+        )
+        return objective, tok
+    if not cfg.init_from:
+        raise ValueError("stage 2 starts from a stage-1 model: pass init_from (--init-from)")
+    check_model_folder(cfg.init_from)
+    model = ByteliftForCausalLM.from_pretrained(cfg.init_from)
+    return Stage2Objective(model), model.tokenizer
+
+
+def parameter_groups(objective: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on embeddings, norms and biases; in stage 2 the global model gets
+    its own (lower) learning rate. Frozen parameters are left out."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in objective.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_global = ".global_model." in f".{name}"
+        no_decay = any(m in name for m in NO_DECAY_MARKERS) or p.dim() < 2
+        groups.setdefault((is_global, no_decay), []).append(p)
+    out = []
+    for (is_global, no_decay), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "lr": cfg.global_lr if is_global else cfg.lr,
+                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                "name": f"{'global' if is_global else 'local'}{'_no_decay' if no_decay else ''}",
+            }
+        )
+    return out
+
+
+def latest_complete_checkpoint(output: str | os.PathLike) -> str | None:
+    """The newest checkpoint folder that finished writing (has the completion marker)."""
+    root = Path(output)
+    if not root.is_dir():
+        return None
+    done = [
+        d for d in root.iterdir()
+        if d.name.startswith(CHECKPOINT_PREFIX) and (d / COMPLETE_MARKER).is_file()
+    ]
+    if not done:
+        return None
+    return str(max(done, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):])))
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log entry (with step and time) to <output>/log.jsonl on the main process."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
+
+
+class ByteliftTrainer(Trainer):
+    """`transformers.Trainer` for a stage objective: logs every loss term, boundary metrics and bytes/s,
+    saves the byte model itself (safetensors, loadable with from_pretrained) in each checkpoint, marks
+    checkpoints complete only after everything is written, and evaluates held-out bits per byte."""
+
+    def __init__(self, *args, run_config: TrainConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_config = run_config
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._bytes = 0.0
+        self._tick = time.time()
+
+    # --- loss and logging -------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(inputs)
+        for k, v in out.items():
+            if k in ("loss", "bytes"):
+                continue
+            self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
+        self._count += 1
+        self._bytes += float(out["bytes"])
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._count and "loss" in logs:
+            logs.update({k: round(v / self._count, 5) for k, v in self._sums.items()})
+            now = time.time()
+            logs["bytes_per_s"] = round(self._bytes * self.args.world_size / max(now - self._tick, 1e-9), 1)
+            self._sums, self._count, self._bytes, self._tick = {}, 0, 0.0, now
+        super().log(logs, start_time)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = parameter_groups(self.model, self.run_config)
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=self.run_config.lr, betas=(0.9, self.run_config.adam_beta2), eps=1e-8
+            )
+        return self.optimizer
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+
+    def _byte_model(self) -> ByteliftForCausalLM:
+        return self.accelerator.unwrap_model(self.model).model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._byte_model().save_pretrained(output_dir)
+        _write_json_atomically(Path(output_dir) / RUN_CONFIG_NAME, self.run_config.to_dict())
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            _write_json_atomically(folder / COMPLETE_MARKER, {"step": self.state.global_step})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_file
+
+        check_model_folder(resume_from_checkpoint)
+        target = self._byte_model()
+        state = {}
+        for name in os.listdir(resume_from_checkpoint):
+            if name.endswith(".safetensors"):
+                state.update(load_file(os.path.join(resume_from_checkpoint, name)))
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            return {}
+        model = self._byte_model()
+        metrics = evaluate_heldout(
+            model, self.get_eval_dataloader(dataset), teacher_forced=self.run_config.stage == 1,
+            max_batches=max(1, self.run_config.eval_windows // self.args.per_device_eval_batch_size),
+        )
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        return metrics
+
+
+@torch.no_grad()
+def evaluate_heldout(model: ByteliftForCausalLM, batches, teacher_forced: bool, max_batches: int) -> dict[str, float]:
+    """Held-out bits per byte (folded 256-way byte probabilities, byte targets only) and the predictor's
+    boundary precision/recall/F1 against the source tokens.
+
+    With `teacher_forced` the global model reads the true token boundaries (stage 1), else the
+    predictor's (stage 2)."""
+    was_training = model.training
+    model.eval()
+    nll_bits, n_bytes = 0.0, 0
+    tp = npred = ngold = 0
+    device = next(model.parameters()).device
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        mask = batch["attention_mask"].bool()
+        gold = batch["boundary_labels"].bool() & mask
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=mask, expanded_ids=batch["expanded_ids"],
+            boundary_mask=gold if teacher_forced else None,
+        )
+        logp = fold_fused_logprobs(out.logits)  # (B, L, 256)
+        nxt = batch["input_ids"][:, 1:]
+        is_byte = (nxt >= BYTE_OFFSET) & mask[:, 1:]
+        lp = logp[:, :-1].gather(-1, (nxt - BYTE_OFFSET).clamp_min(0)[..., None])[..., 0]
+        nll_bits += float(-(lp * is_byte).sum()) / math.log(2)
+        n_bytes += int(is_byte.sum())
+        decidable = decidable_positions(mask)
+        pred = model.predict_boundaries(out.boundary_logprobs, mask) & decidable
+        g = gold & decidable
+        tp += int((pred & g).sum())
+        npred += int(pred.sum())
+        ngold += int(g.sum())
+    model.train(was_training)
+    precision = tp / npred if npred else 0.0
+    recall = tp / ngold if ngold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "bits_per_byte": nll_bits / max(n_bytes, 1),
+        "boundary_precision": precision,
+        "boundary_recall": recall,
+        "boundary_f1": f1,
+        "bytes": float(n_bytes),
+    }
+
+
+class MergingCollator:
+    """Stage 2 with bigger patches: after collation, merge adjacent patches BPE-style until the batch
+    reaches `target_ratio` bytes per patch; the boundary targets (and so the predictor) follow."""
+
+    def __init__(self, base, target_ratio: float, seed: int = 0):
+        self.base, self.target_ratio, self.seed = base, target_ratio, seed
+        self.calls = 0
+        self.last_ratio = float("nan")
+
+    def __call__(self, examples):
+        from bytelift.data import bpe_merge_patches, patch_boundaries, patch_ids_from_lengths
+
+        batch = self.base(examples)
+        merged = bpe_merge_patches(
+            batch["patch_lengths"], batch["token_ids"], self.target_ratio, seed=[self.seed, self.calls]
+        )
+        self.calls += 1
+        lengths = torch.as_tensor(merged.patch_lengths)
+        L = batch["input_ids"].shape[1]
+        batch["patch_lengths"] = lengths
+        batch["patch_mask"] = lengths > 0
+        batch["boundary_labels"] = patch_boundaries(lengths, L)
+        batch["patch_ids"] = patch_ids_from_lengths(lengths, L)
+        self.last_ratio = float(merged.ratio)
+        return batch
+
+
+def _datasets(cfg: TrainConfig, tokenizer: ByteTokenizer, rank: int, world_size: int):
+    from bytelift.data import ByteWindowDataset, CharSkillGenerator, load_corpus
+
+    train_corpus, stats = load_corpus(
+        cfg.data, text_field=cfg.text_field, split="train", heldout_fraction=cfg.heldout_fraction
+    )
+    heldout, _ = load_corpus(
+        cfg.data, text_field=cfg.text_field, split="heldout", heldout_fraction=cfg.heldout_fraction
+    ) if cfg.heldout_fraction > 0 else (None, None)
+    if heldout is not None and len(heldout) == 0:
+        heldout = None
+    chars = CharSkillGenerator() if cfg.char_skill_rate > 0 else None
+    common = dict(window_tokens=cfg.window_tokens, byte_expansion_factor=cfg.byte_expansion_factor)
+    # Under torchrun every rank reads its own shard of the documents (batches are not dispatched from
+    # rank 0: their byte lengths differ from rank to rank). Every rank evaluates the whole held-out set.
+    train = ByteWindowDataset(
+        train_corpus, tokenizer, seed=cfg.seed, epochs=None, char_skills=chars, char_rate=cfg.char_skill_rate,
+        rank=rank, world_size=world_size, **common,
+    )
+    evals = (
+        ByteWindowDataset(heldout, tokenizer, seed=cfg.seed, epochs=1, shuffle=False, **common)
+        if heldout is not None else None
+    )
+    return train, evals, stats
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training stage; returns the final metrics. The output folder ends up holding the trained
+    byte model (loadable with `AutoModelForCausalLM.from_pretrained`), checkpoints and log.jsonl."""
+    from transformers import set_seed
+
+    from bytelift.data import ByteCollator
+
+    if not cfg.data:
+        raise ValueError("no training data: pass at least one file or folder (--data)")
+    set_seed(cfg.seed)
+    os.makedirs(cfg.output, exist_ok=True)
+    objective, tokenizer = build_objective(cfg)
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    train_ds, eval_ds, stats = _datasets(cfg, tokenizer, rank, world_size)
+    collator = ByteCollator.from_tokenizer(tokenizer, pad_to_multiple_of=64)
+    if cfg.stage == 2 and cfg.target_bytes_per_patch:
+        collator = MergingCollator(collator, cfg.target_bytes_per_patch, seed=cfg.seed)
+
+    has_tensorboard = _importable("tensorboard")
+    args = TrainingArguments(
+        output_dir=cfg.output,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=cfg.adam_beta2,
+        lr_scheduler_type="linear",
+        warmup_steps=int(round(cfg.warmup_ratio * cfg.max_steps)),
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=cfg.eval_steps,
+        report_to=["tensorboard"] if has_tensorboard else [],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        fsdp="full_shard auto_wrap" if cfg.fsdp else "",
+        ddp_find_unused_parameters=False,
+        accelerator_config={"dispatch_batches": False},
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    trainer = ByteliftTrainer(
+        model=objective,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        callbacks=[JsonlLogger(Path(cfg.output) / LOG_NAME)],
+        run_config=cfg,
+    )
+    resume = latest_complete_checkpoint(cfg.output) if cfg.resume else None
+    if cfg.resume and resume is None:
+        print(f"no complete checkpoint in {cfg.output}: starting from the beginning")
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    metrics.update({f"corpus_{k}": v for k, v in stats.as_dict().items()})
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    metrics["ranks_in_sync"] = ranks_in_sync(trainer._byte_model())
+    trainer.save_model(cfg.output)  # the final model sits at the top of the output folder
+    if trainer.args.should_save:
+        _write_json_atomically(Path(cfg.output) / "train_metrics.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def ranks_in_sync(model: nn.Module) -> bool:
+    """True when every process holds bit-identical weights (always true for a single process)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    mine = digest.hexdigest()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return len(set(everyone)) == 1
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

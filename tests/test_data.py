@@ -1,0 +1,532 @@
+"""Tests of bytelift.data: corpus reading, windows, collation, BPE merges, character-skill data."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from bytelift.data import (
+    IGNORE_INDEX,
+    ByteCollator,
+    ByteWindowDataset,
+    CharSkillGenerator,
+    bpe_merge_patches,
+    is_heldout,
+    load_corpus,
+    mix_documents,
+    patch_boundaries,
+)
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, ByteTokenizer, gpt2_byte_to_unicode
+from tests.tiny_tokenizers import SAMPLE_TEXTS
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar".split()
+
+
+def _documents(n: int, seed: int = 0) -> list[str]:
+    """n distinct documents of varied length and script (each ends with its index, so all differ)."""
+    rng = np.random.default_rng(seed)
+    samples = list(SAMPLE_TEXTS.values())
+    docs = []
+    for i in range(n):
+        words = " ".join(WORDS[j] for j in rng.integers(len(WORDS), size=int(rng.integers(3, 40))))
+        docs.append(f"{samples[i % len(samples)][: int(rng.integers(5, 80))]} {words} #{i}")
+    return docs
+
+
+DOCS = _documents(60)
+_BYTE_TOKENIZERS: dict[str, ByteTokenizer] = {}
+
+
+@pytest.fixture(params=["bytelevel", "sentencepiece"])
+def byte_tok(request) -> ByteTokenizer:
+    if request.param not in _BYTE_TOKENIZERS:
+        source = request.getfixturevalue(f"{request.param}_tokenizer")
+        _BYTE_TOKENIZERS[request.param] = ByteTokenizer.from_source(source)
+    return _BYTE_TOKENIZERS[request.param]
+
+
+def _token_bytes_reference(tok: ByteTokenizer, token_id: int) -> list[int]:
+    """Byte-side ids of one source token, derived here from the token string (independently of data.py)."""
+    src = tok.source_tokenizer
+    if token_id == src.eos_token_id:
+        return [EOS_ID]
+    piece = src.convert_ids_to_tokens(int(token_id))
+    if tok.source_vocab.family == "byte_level":
+        table = {c: b for b, c in gpt2_byte_to_unicode().items()}
+        data = bytes(table[c] for c in piece)
+    elif re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+        data = bytes([int(piece[3:5], 16)])
+    else:
+        data = piece.replace("\u2581", " ").encode()
+    return [b + BYTE_OFFSET for b in data]
+
+
+def _tokens(tok: ByteTokenizer, text: str) -> list[int]:
+    return tok.source_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Corpus reading
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _write_corpus(root) -> set[str]:
+    """A mixed corpus; returns the documents that must be read (txt_mode="document")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.txt").write_text("First document.\nSecond line.", encoding="utf-8")
+    (root / "sub" / "b.txt").write_text("Para one.\n\n  \nPara two.\n", encoding="utf-8")
+    (root / "sub" / "bad.txt").write_bytes(b"not \xff\xfe utf-8")  # undecodable: skipped, counted
+    (root / "sub" / "empty.txt").write_text(" \n\t", encoding="utf-8")  # empty: skipped, counted
+    (root / "sub" / "ignored.md").write_text("not a corpus suffix", encoding="utf-8")
+    records = [{"text": "json doc one", "id": 1}, {"text": "", "id": 2}, {"text": None, "id": 3},
+               {"text": "json doc two", "id": 4}]
+    (root / "sub" / "deeper" / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    pq.write_table(pa.table({"text": ["parquet doc", "  ", "parquet doc 2"]}), root / "d.parquet")
+    return {"First document.\nSecond line.", "Para one.\n\n  \nPara two.\n", "json doc one", "json doc two",
+            "parquet doc", "parquet doc 2"}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_load_corpus_mixed_formats_skips_and_counts(tmp_path, streaming):
+    expected = _write_corpus(tmp_path)
+    corpus, stats = load_corpus(tmp_path, split=None, streaming=streaming)
+    docs = [row["text"] for row in corpus]
+    assert sorted(docs) == sorted(expected)
+    assert stats.files == 6  # .md ignored
+    assert stats.skipped_undecodable == 1
+    assert stats.skipped_empty == 4  # empty.txt, "" and null in jsonl, "  " in parquet
+    assert stats.documents == len(expected)
+    assert streaming == (type(corpus).__name__ == "IterableDataset")
+
+
+def test_load_corpus_paragraphs_field_and_files(tmp_path):
+    _write_corpus(tmp_path)
+    corpus, stats = load_corpus(tmp_path / "sub" / "b.txt", txt_mode="paragraph", split=None)
+    assert list(corpus["text"]) == ["Para one.", "Para two."]
+    (tmp_path / "e.jsonl").write_text(json.dumps({"body": "custom field", "text": 3}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["pq body"]}), tmp_path / "f.parquet")
+    corpus, stats = load_corpus([tmp_path / "e.jsonl", tmp_path / "f.parquet"], text_field="body", split=None)
+    assert list(corpus["text"]) == ["custom field", "pq body"]
+    (tmp_path / "g.jsonl").write_text(json.dumps({"text": 3}) + "\n" + json.dumps({"text": "ok"}) + "\n")
+    corpus, stats = load_corpus(tmp_path / "g.jsonl", split=None)
+    assert list(corpus["text"]) == ["ok"] and stats.skipped_non_text == 1
+    with pytest.raises(ValueError, match="e.jsonl"):  # its "text" field is never a string
+        load_corpus([tmp_path / "a.txt", tmp_path / "e.jsonl"], split=None)
+
+
+def test_load_corpus_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_dir"):
+        load_corpus(tmp_path / "missing_dir")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.txt").write_bytes(b"\xff\xff")
+    (bad / "y.txt").write_text("   ")
+    good = tmp_path / "good.txt"
+    good.write_text("fine")
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"bad.*no usable text"):
+            load_corpus([good, bad], split=None, streaming=streaming)
+    with pytest.raises(ValueError, match=r"empty_dir holds no .* file"):
+        load_corpus(_empty_dir(tmp_path), split=None)
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(ValueError, match="notes.md"):
+        load_corpus(tmp_path / "notes.md")
+    (tmp_path / "nofield.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"nofield.jsonl.*'text'"):
+        load_corpus(tmp_path / "nofield.jsonl", split=None)
+
+
+def _empty_dir(tmp_path):
+    d = tmp_path / "empty_dir"
+    d.mkdir()
+    (d / "readme.md").write_text("nothing to read")
+    return d
+
+
+def test_heldout_split_disjoint_and_order_independent(tmp_path):
+    docs = [f"document number {i}: " + " ".join(WORDS[: i % 10 + 1]) for i in range(400)]
+    forward, backward = tmp_path / "fwd", tmp_path / "bwd"
+    forward.mkdir()
+    backward.mkdir()
+    (forward / "all.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    for i, d in enumerate(reversed(docs)):  # other order, other files, other format
+        (backward / f"{i:04d}.txt").write_text(d)
+    splits = {}
+    for name, root in (("fwd", forward), ("bwd", backward)):
+        train, _ = load_corpus(root, split="train", heldout_fraction=0.25)
+        held, stats = load_corpus(root, split="heldout", heldout_fraction=0.25)
+        splits[name] = (set(train["text"]), set(held["text"]))
+        assert stats.other_split == len(train)
+    (train_f, held_f), (train_b, held_b) = splits["fwd"], splits["bwd"]
+    assert train_f.isdisjoint(held_f) and train_f | held_f == set(docs)
+    assert (train_f, held_f) == (train_b, held_b)
+    assert 0.15 < len(held_f) / len(docs) < 0.35
+    assert held_f == {d for d in docs if is_heldout(d, 0.25)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Windows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _dataset(tok, docs=DOCS, **kwargs) -> ByteWindowDataset:
+    kwargs.setdefault("window_tokens", 24)
+    kwargs.setdefault("byte_expansion_factor", 100)
+    return ByteWindowDataset(docs, tok, **kwargs)
+
+
+def test_windows_bytes_patches_teacher_alignment(byte_tok):
+    tok, N = byte_tok, 24
+    sep = tok.source_tokenizer.eos_token_id
+    examples = list(_dataset(tok, shuffle=False))
+    assert len(examples) > 10
+    for k, ex in enumerate(examples):
+        ids, lengths, tokens = ex["input_ids"], ex["patch_lengths"], ex["token_ids"]
+        P = len(lengths)
+        assert ids[0] == BOS_ID and lengths[0] == 1
+        assert int(lengths.sum()) == len(ids) and len(tokens) == P
+        assert tokens[0] != sep  # a window never starts with the document separator
+        assert k == len(examples) - 1 or P == N  # only the last window may be short
+        ends = np.cumsum(lengths.numpy())
+        for j in range(1, P):  # patch j spells token j - 1, byte for byte
+            assert ids[ends[j - 1] : ends[j]].tolist() == _token_bytes_reference(tok, tokens[j - 1])
+        assert torch.equal(ex["expanded_ids"], torch.as_tensor(tok.expander.expand(ids.numpy())))
+    # The windows' tokens are the documents' tokens, in order, with the separator between documents.
+    stream = np.concatenate([ex["token_ids"].numpy() for ex in examples])
+    expected = np.concatenate([np.array(_tokens(tok, d) + [sep]) for d in DOCS])
+    assert np.array_equal(stream[stream != sep], expected[expected != sep])
+    assert (stream == sep).sum() >= len(DOCS) - len(examples)  # only separators at window starts are dropped
+    # Decoding the documents back: byte-level BPE is lossless, SentencePiece adds its leading space.
+    text = (examples[0]["input_ids"][1:11].numpy() - BYTE_OFFSET).astype(np.uint8).tobytes()
+    prefix = b"" if tok.source_vocab.family == "byte_level" else b" "
+    assert text == (prefix + DOCS[0].encode())[:10]
+
+
+def test_byte_cap_truncates_whole_patches(byte_tok):
+    capped_ds = _dataset(byte_tok, shuffle=False, byte_expansion_factor=1.5)
+    capped = list(capped_ds)
+    full = list(_dataset(byte_tok, shuffle=False))
+    cap = int(24 * 1.5)
+    assert len(capped) == len(full)
+    n_cut = 0
+    for c, f in zip(capped, full):
+        P = len(c["patch_lengths"])
+        assert len(c["input_ids"]) <= cap and int(c["patch_lengths"].sum()) == len(c["input_ids"])
+        assert len(c["token_ids"]) == P and len(c["expanded_ids"]) == len(c["input_ids"])
+        assert torch.equal(c["input_ids"], f["input_ids"][: len(c["input_ids"])])
+        assert torch.equal(c["patch_lengths"], f["patch_lengths"][:P])
+        assert torch.equal(c["token_ids"], f["token_ids"][:P])
+        assert torch.equal(c["expanded_ids"], f["expanded_ids"][: len(c["input_ids"])])  # prefix-only walk
+        if P < len(f["patch_lengths"]):
+            n_cut += 1
+            assert len(c["input_ids"]) + f["patch_lengths"][P] > cap  # the next whole patch would not fit
+    assert n_cut > 0
+    stats = capped_ds.window_stats
+    assert stats["truncated"] == n_cut and stats["windows"] == len(capped)
+    assert stats["bytes"] == sum(len(c["input_ids"]) for c in capped)
+
+
+def test_determinism_seed_and_sharding(byte_tok, tmp_path):
+    def run(**kw):
+        return [ex["token_ids"].tolist() for ex in _dataset(byte_tok, **kw)]
+
+    a, b, c = run(seed=3), run(seed=3), run(seed=4)
+    assert a == b and a != c
+    ds = _dataset(byte_tok, seed=3)
+    assert [e["token_ids"].tolist() for e in ds] == [e["token_ids"].tolist() for e in ds] == a  # fresh passes
+    # Two ranks: disjoint documents covering the corpus; each rank's windows hold exactly its documents.
+    sep = byte_tok.source_tokenizer.eos_token_id
+    shards = [_dataset(byte_tok, seed=3, rank=r, world_size=2, window_shuffle_buffer=0) for r in range(2)]
+    docs = [list(s.documents(0)) for s in shards]
+    assert set(docs[0]).isdisjoint(docs[1]) and sorted(docs[0] + docs[1]) == sorted(DOCS)
+    assert abs(len(docs[0]) - len(docs[1])) <= 1
+    for shard, shard_docs in zip(shards, docs):
+        stream = np.concatenate([ex["token_ids"].numpy() for ex in shard])
+        expected = np.concatenate([_tokens(byte_tok, d) for d in shard_docs])
+        assert np.array_equal(stream[stream != sep], expected)
+    # The same through an in-memory and a streaming `datasets` corpus.
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS))
+    for streaming in (False, True):
+        corpus, _ = load_corpus(tmp_path, split=None, streaming=streaming)
+        x = [e["token_ids"].tolist() for e in _dataset(byte_tok, corpus, seed=5)]
+        y = [e["token_ids"].tolist() for e in _dataset(byte_tok, corpus, seed=5)]
+        assert x == y and len(x) > 5
+        read = [d for d in _dataset(byte_tok, corpus, seed=5).documents(0)]
+        assert sorted(read) == sorted(DOCS) and read != DOCS  # shuffled, complete
+
+
+def test_resume_continues_exactly(byte_tok, tmp_path, monkeypatch):
+    kwargs = dict(seed=7, epochs=2, window_shuffle_buffer=8, convert_batch=5, tokenize_batch=4, rank=1,
+                  world_size=2)
+    reference = [ex["token_ids"].tolist() for ex in _dataset(byte_tok, **kwargs)]
+    per_epoch = len(list(_dataset(byte_tok, **{**kwargs, "epochs": 1})))
+    assert reference[:per_epoch] != reference[per_epoch:]  # epochs are shuffled differently
+    tokenized: list[str] = []
+    original = ByteWindowDataset._tokenize
+    monkeypatch.setattr(ByteWindowDataset, "_tokenize",
+                        lambda self, texts: tokenized.extend(texts) or original(self, texts))
+    for stop in (3, 7, per_epoch, per_epoch + 2):
+        first = _dataset(byte_tok, **kwargs)
+        head = [ex["token_ids"].tolist() for ex in itertools.islice(iter(first), stop)]
+        state = first.state_dict()
+        assert (state["epoch"], state["consumed"]) == ((0, stop) if stop <= per_epoch else (1, stop - per_epoch))
+        torch.save(state, tmp_path / "state.pt")
+        minimal = {"epoch": state["epoch"], "consumed": state["consumed"]}  # replayed (re-tokenised)
+        for saved in (torch.load(tmp_path / "state.pt", weights_only=True), minimal):
+            resumed = _dataset(byte_tok, **kwargs)
+            resumed.load_state_dict(saved)
+            resumed = pickle.loads(pickle.dumps(resumed))  # DataLoader workers (spawn) receive a pickled copy
+            tokenized.clear()
+            tail = [ex["token_ids"].tolist() for ex in resumed]
+            assert head + tail == reference, (stop, sorted(saved))
+            if "documents_read" in saved and saved["epoch"] == 0:  # full state: read documents are not re-tokenised
+                rank_docs = len(DOCS) // 2
+                assert 0 < saved["documents_read"] <= rank_docs and (stop > 3 or saved["documents_read"] < rank_docs)
+                assert len(tokenized) == (rank_docs - saved["documents_read"]) + rank_docs  # rest of epoch 0 + epoch 1
+            assert len(list(resumed)) == len(reference)  # the loaded position is used once, then fresh passes
+    with pytest.raises(ValueError, match="seed"):
+        _dataset(byte_tok, seed=8).load_state_dict(state)
+
+
+def test_dataloader_and_char_skill_mixing(byte_tok, monkeypatch):
+    gen = CharSkillGenerator(WORDS + ["zulu", "yankee", "xray", "whiskey", "victor", "uniform"])
+    ds = _dataset(byte_tok, seed=1, char_skills=gen, char_rate=0.5)
+    docs = list(ds.documents(0))
+    n_char = sum(d not in DOCS for d in docs)
+    assert 0.3 < n_char / len(docs) < 0.7 and [d for d in docs if d in DOCS] != []
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ByteCollator.from_tokenizer(byte_tok))
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape[0] == 4 and batch["token_ids"].shape == batch["patch_mask"].shape
+    # Several DataLoader workers would interleave one stream ambiguously: refused with a clear error.
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: type("Info", (), {"num_workers": 2})())
+    with pytest.raises(ValueError, match="num_workers"):
+        next(iter(ds))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_collator_hand_built_batch():
+    t = torch.tensor
+    examples = [
+        {"input_ids": t([BOS_ID, 10, 11, 12]), "patch_lengths": t([1, 2, 1]), "expanded_ids": t([90, 5, 6, 7]),
+         "token_ids": t([40, 41, 42])},
+        {"input_ids": t([BOS_ID, 20]), "patch_lengths": t([1, 1]), "expanded_ids": t([90, 8]),
+         "token_ids": t([43, 44])},
+    ]
+    batch = ByteCollator(99, token_pad_id=3, pad_to_multiple_of=8)(examples)
+    assert batch["input_ids"].tolist() == [[1, 10, 11, 12, 0, 0, 0, 0], [1, 20, 0, 0, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 4 + [0] * 4, [1] * 2 + [0] * 6]
+    assert batch["labels"].tolist() == [[1, 10, 11, 12] + [IGNORE_INDEX] * 4, [1, 20] + [IGNORE_INDEX] * 6]
+    assert batch["expanded_ids"].tolist() == [[90, 5, 6, 7] + [99] * 4, [90, 8] + [99] * 6]
+    F, T = False, True
+    assert batch["boundary_labels"].tolist() == [[T, F, T, T, F, F, F, F], [T, T, F, F, F, F, F, F]]
+    assert batch["patch_ids"].tolist() == [[0, 1, 1, 2, -1, -1, -1, -1], [0, 1, -1, -1, -1, -1, -1, -1]]
+    assert batch["patch_lengths"].tolist() == [[1, 2, 1], [1, 1, 0]]
+    assert batch["patch_mask"].tolist() == [[T, T, T], [T, T, F]]
+    assert batch["token_ids"].tolist() == [[40, 41, 42], [43, 44, 3]]
+    assert batch["token_mask"].tolist() == [[T, T, T], [T, T, F]]
+    with pytest.raises(ValueError, match="sum"):
+        ByteCollator(99)([{**examples[0], "patch_lengths": t([1, 2])}])
+
+
+def test_collator_real_ragged_batch(byte_tok):
+    examples = list(_dataset(byte_tok, shuffle=False))
+    batch = ByteCollator.from_tokenizer(byte_tok)([examples[0], examples[-1], examples[1]])  # last is short
+    valid = batch["attention_mask"].bool()
+    assert valid.sum().item() == sum(len(e["input_ids"]) for e in (examples[0], examples[-1], examples[1]))
+    assert torch.equal(batch["boundary_labels"].sum(1), batch["patch_mask"].sum(1))
+    assert not batch["boundary_labels"][~valid].any() and (batch["input_ids"][~valid] == PAD_ID).all()
+    assert (batch["expanded_ids"][~valid] == byte_tok.no_subword_id).all()
+    assert torch.equal(batch["patch_ids"] >= 0, valid)
+    # patch_ids jump exactly after each boundary
+    nxt = batch["patch_ids"][:, 1:] - batch["patch_ids"][:, :-1]
+    assert torch.equal((nxt == 1) & valid[:, 1:], batch["boundary_labels"][:, :-1] & valid[:, 1:])
+    assert torch.equal(batch["token_mask"], batch["patch_mask"])
+    from bytelift.modeling import IGNORE_INDEX as MODEL_IGNORE_INDEX
+
+    assert IGNORE_INDEX == MODEL_IGNORE_INDEX
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BPE merges
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bpe_merges_hand_examples():
+    # tokens: BOS a b a b c -> (a, b) is the most frequent pair; 2 merges reach 6 bytes / 4 patches
+    result = bpe_merge_patches(torch.tensor([[1, 1, 1, 1, 1, 1]]), torch.tensor([[0, 5, 6, 5, 6, 7]]), 1.5)
+    assert result.patch_lengths.tolist() == [[1, 2, 2, 1]] and result.ratio == 1.5
+    # (x, x) runs merge without overlap, left to right; only as many as needed
+    result = bpe_merge_patches(torch.tensor([[1, 1, 1, 1, 0]]), torch.tensor([[0, 9, 9, 9, 0]]), 4 / 3)
+    assert result.patch_lengths.tolist() == [[1, 2, 1]]
+    result = bpe_merge_patches(torch.tensor([[1, 1, 1, 1, 1]]), torch.tensor([[0, 9, 9, 9, 9]]), 5 / 3)
+    assert result.patch_lengths.tolist() == [[1, 2, 2]]
+    # Rows merge independently in one batch (each to its own budget); an empty row stays empty.
+    lengths = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+    tokens = torch.tensor([[0, 5, 6, 5, 6, 7], [0, 9, 9, 9, 0, 0], [0, 0, 0, 0, 0, 0]])
+    result = bpe_merge_patches(lengths, tokens, 1.5)
+    assert result.patch_lengths.tolist() == [[1, 2, 2, 1], [1, 3, 0, 0], [0, 0, 0, 0]]
+
+
+def test_bpe_merges_reach_ratio_on_real_batch(byte_tok):
+    examples = list(_dataset(byte_tok, window_tokens=64, shuffle=False))[:4]
+    batch = ByteCollator.from_tokenizer(byte_tok)(examples)
+    base = batch["patch_lengths"].sum(1).double() / batch["patch_mask"].sum(1)
+    target = float(base.max()) * 1.6
+    result = bpe_merge_patches(batch["patch_lengths"], batch["token_ids"], target, seed=0)
+    assert (result.ratios >= target - 1e-9).all() and result.ratio >= target - 1e-9  # RATIO_EPS tolerance
+    assert torch.equal(result.patch_lengths.sum(1), batch["patch_lengths"].sum(1))  # bytes preserved
+    assert (result.patch_lengths[:, 0] == 1).all()  # BOS stays alone
+    L = batch["input_ids"].shape[1]
+    merged, original = patch_boundaries(result.patch_lengths, L), batch["boundary_labels"]
+    assert not (merged & ~original).any()  # merged boundaries are a subset of token boundaries
+    assert (merged.sum(1) < original.sum(1)).all()
+    again = bpe_merge_patches(batch["patch_lengths"], batch["token_ids"], target, seed=0)
+    assert torch.equal(again.patch_lengths, result.patch_lengths)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Character-skill data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_answer(ex) -> None:
+    quoted = re.findall(r"'([^']*)'", ex.prompt)
+    task, ans = ex.task, ex.answer
+    if task == "spell":
+        assert ans == " ".join(quoted[0])
+    elif task == "unspell":
+        assert ans == ex.prompt.removeprefix("Which word is spelled ").removesuffix("?").replace(" ", "")
+    elif task == "reverse":
+        assert ans == quoted[0][::-1]
+    elif task == "insert_char":
+        new, old, word = quoted
+        assert ans == "".join(c + new if c == old else c for c in word) and old in word
+    elif task == "delete_char":
+        old, word = quoted
+        assert ans == "".join(c for c in word if c != old) and len(ans) < len(word)
+    elif task == "substitute_char":
+        old, word, new = quoted
+        assert ans == "".join(new if c == old else c for c in word) and ans != word
+    elif task == "swap_char":
+        i, j = (int(x) - 1 for x in re.findall(r"(\d+)(?:st|nd|rd|th)", ex.prompt))
+        word = quoted[0]
+        assert sorted(ans) == sorted(word) and ans[i] == word[j] and ans[j] == word[i] and ans != word
+    elif task == "contains_char":
+        word, letter = quoted
+        assert ans == ("yes" if letter in word else "no")
+    elif task == "reverse_words":
+        assert ans.split() == quoted[0].split()[::-1]
+    elif task == "contains_word":
+        text, word = quoted
+        assert ans == ("yes" if word in text.split() else "no")
+    else:
+        ordinals = [int(x) - 1 for x in re.findall(r"(\d+)(?:st|nd|rd|th)", ex.prompt)]
+        if task == "insert_word":
+            new, text = quoted
+            words, k = text.split(), ordinals[0]
+            assert ans.split() == words[: k + 1] + [new] + words[k + 1 :]
+        elif task == "delete_word":
+            words, k = quoted[0].split(), ordinals[0]
+            assert ans.split() == words[:k] + words[k + 1 :]
+        elif task == "substitute_word":
+            (text, new), k = quoted, ordinals[0]
+            assert ans.split() == text.split()[:k] + [new] + text.split()[k + 1 :]
+        else:
+            assert task == "swap_words"
+            words, (i, j) = quoted[0].split(), ordinals
+            assert ans.split() == words[:i] + [words[j]] + words[i + 1 : j] + [words[i]] + words[j + 1 :]
+
+
+def test_char_skills_answers_split_and_determinism():
+    gen = CharSkillGenerator()
+    train, evaluation = set(gen.training_words()), set(gen.evaluation_words())
+    assert train.isdisjoint(evaluation) and len(train) > 1000 and len(evaluation) > 1000
+    # The split depends on the word only: a reordered list splits the same way.
+    reordered = CharSkillGenerator(sorted(train | evaluation, reverse=True))
+    assert set(reordered.evaluation_words()) == evaluation
+    examples = list(itertools.islice(gen.examples(seed=11), 600))
+    assert {e.task for e in examples} == set(CharSkillGenerator.TASKS)
+    for ex in examples:
+        _check_answer(ex)
+        quoted_words = set(re.findall(r"[a-z]+", " ".join(re.findall(r"'([^']*)'", ex.prompt))))
+        used = quoted_words | ({ex.answer} if ex.task == "unspell" else set())
+        assert used and used.isdisjoint(evaluation) and used & train  # only training words are used
+    again = list(itertools.islice(gen.examples(seed=11), 600))
+    assert again == examples and list(itertools.islice(gen.examples(seed=12), 50)) != examples[:50]
+    doc = next(gen.documents(seed=1))
+    assert doc.count("\n\n") == gen.examples_per_document - 1
+
+
+def test_mix_documents_rate_and_order():
+    corpus = [f"doc{i}" for i in range(2000)]
+    extra = (f"extra{i}" for i in itertools.count())
+    mixed = list(mix_documents(corpus, extra, 0.2, seed=0))
+    assert [d for d in mixed if d.startswith("doc")] == corpus  # corpus order kept, nothing lost
+    assert 0.17 < sum(d.startswith("extra") for d in mixed) / len(mixed) < 0.23
+    assert mixed == list(mix_documents(corpus, (f"extra{i}" for i in itertools.count()), 0.2, seed=0))
+    assert list(mix_documents(corpus, iter(()), 0.0)) == corpus
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The batch contract, end to end: a collated batch drives the model (teacher forcing) and the teacher
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_batch_drives_model_and_teacher(bytelevel_tokenizer):
+    from bytelift.modeling import ByteliftForCausalLM
+    from tests.tiny_models import tiny_source
+
+    model = ByteliftForCausalLM.from_source(tiny_source("qwen2", bytelevel_tokenizer), bytelevel_tokenizer,
+                                            local_heads=4).eval()
+    source = tiny_source("qwen2", bytelevel_tokenizer)  # the teacher (from_source took over the first copy)
+    tok = ByteTokenizer.from_source(bytelevel_tokenizer)
+    examples = list(_dataset(tok, window_tokens=16, shuffle=False))
+    batch = ByteCollator.from_tokenizer(tok)([examples[0], examples[-1]])  # ragged
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    expanded_ids=batch["expanded_ids"], boundary_mask=batch["boundary_labels"],
+                    labels=batch["labels"])
+        # Teacher: [eos] + token_ids[:-1]; position j <-> patch j.
+        eos = torch.full_like(batch["token_ids"][:, :1], bytelevel_tokenizer.eos_token_id)
+        teacher = source(input_ids=torch.cat([eos, batch["token_ids"][:, :-1]], dim=1),
+                         attention_mask=batch["token_mask"].long())
+    assert torch.isfinite(out.loss)
+    assert torch.equal(out.patch_mask, batch["patch_mask"])  # model patches == data patches, row by row
+    assert out.global_hidden_states.shape[:2] == teacher.logits.shape[:2] == batch["token_ids"].shape
+
+
+@pytest.mark.slow
+def test_windows_with_smollm2(smollm2_tokenizer):
+    """The real source: reference window size, byte cap, patch/token alignment, code and prose."""
+    import sysconfig
+    from pathlib import Path
+
+    tok = ByteTokenizer.from_source(smollm2_tokenizer)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus, stats = load_corpus([stdlib / "json", stdlib / "email"], text_suffixes=(".py",), split=None)
+    examples = list(itertools.islice(iter(ByteWindowDataset(corpus, tok, seed=0)), 4))
+    for ex in examples:
+        assert len(ex["token_ids"]) == len(ex["patch_lengths"]) == 4096
+        assert int(ex["patch_lengths"].sum()) == len(ex["input_ids"]) <= 4096 * 6
+        ends = np.cumsum(ex["patch_lengths"].numpy())
+        for j in (1, 100, 4095):
+            expected = _token_bytes_reference(tok, ex["token_ids"][j - 1])
+            assert ex["input_ids"][ends[j - 1] : ends[j]].tolist() == expected
+    batch = ByteCollator.from_tokenizer(tok, pad_to_multiple_of=64)(examples)
+    assert batch["input_ids"].shape[1] % 64 == 0 and batch["patch_mask"].all()

@@ -1,0 +1,194 @@
+"""Stage 1 and stage 2 on a tiny random source and a tiny corpus, through the real trainer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from bytelift.modeling import ByteliftForCausalLM
+from bytelift.training import (
+    COMPLETE_MARKER,
+    LOG_NAME,
+    TrainConfig,
+    latest_complete_checkpoint,
+    parameter_groups,
+    train,
+)
+from tests.tiny_models import tiny_source
+
+WORDS = "the quick brown fox jumps over lazy dog and cat while birds sing in trees near river bank".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, bytelevel_tokenizer):
+    root = tmp_path_factory.mktemp("train")
+    source = tiny_source("llama", bytelevel_tokenizer)
+    source.save_pretrained(root / "source")
+    bytelevel_tokenizer.save_pretrained(root / "source")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    for i in range(40):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(60)))
+    return root
+
+
+def stage1_config(root, **overrides):
+    values = dict(
+        stage=1, source=str(root / "source"), data=[str(root / "corpus")], output=str(root / "s1"),
+        window_tokens=32, batch_size=4, max_steps=24, logging_steps=4, save_steps=12, eval_steps=12,
+        heldout_fraction=0.15, model={"local_heads": 4},
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines()]
+
+
+def test_stage1_lowers_every_loss_and_learns_boundaries(tiny_run):
+    metrics = train(stage1_config(tiny_run))
+    logs = [e for e in read_log(tiny_run / "s1") if "distill_loss" in e]
+    first, last = logs[0], logs[-1]
+    for key in ("boundary_loss", "encoder_loss", "distill_loss", "ce_loss", "loss"):
+        assert last[key] < first[key], key
+    assert metrics["eval_boundary_f1"] >= 0.95
+    assert metrics["corpus_documents"] > 0 and metrics["corpus_other_split"] > 0  # a held-out side exists
+
+    # Checkpoints are complete, rotated, and the output folder is a loadable byte model.
+    ckpt = latest_complete_checkpoint(tiny_run / "s1")
+    assert ckpt is not None and ckpt.endswith("checkpoint-24")
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "s1")
+    assert isinstance(model, ByteliftForCausalLM)
+    # The global model was frozen: it equals the source's transformer.
+    source = AutoModelForCausalLM.from_pretrained(tiny_run / "source")
+    torch.testing.assert_close(
+        model.global_model.layers[0].self_attn.q_proj.weight, source.model.layers[0].self_attn.q_proj.weight
+    )
+
+
+def test_stage2_from_stage1_with_merges(tiny_run):
+    if not (tiny_run / "s1" / "config.json").exists():
+        train(stage1_config(tiny_run))
+    cfg = TrainConfig(
+        stage=2, init_from=str(tiny_run / "s1"), data=[str(tiny_run / "corpus")], output=str(tiny_run / "s2"),
+        window_tokens=32, batch_size=2, max_steps=4, logging_steps=2, save_steps=4, eval_steps=4,
+        heldout_fraction=0.15, target_bytes_per_patch=8.0,
+    )
+    metrics = train(cfg)
+    logs = [e for e in read_log(tiny_run / "s2") if "ce_loss" in e]
+    assert logs and all(k in logs[0] for k in ("ce_loss", "boundary_loss", "bytes_per_patch"))
+    assert "eval_bits_per_byte" in metrics
+    before = AutoModelForCausalLM.from_pretrained(tiny_run / "s1")
+    after = AutoModelForCausalLM.from_pretrained(tiny_run / "s2")
+    # Everything trains in stage 2, the global model included.
+    assert not torch.equal(before.global_model.layers[0].mlp.up_proj.weight, after.global_model.layers[0].mlp.up_proj.weight)
+
+
+def test_parameter_groups(tiny_run):
+    from bytelift.training import build_objective
+
+    cfg = TrainConfig(stage=2, init_from=str(tiny_run / "s1"), data=["x"], lr=1e-3)
+    if not (tiny_run / "s1" / "config.json").exists():
+        train(stage1_config(tiny_run))
+    objective, _ = build_objective(cfg)
+    groups = {g["name"]: g for g in parameter_groups(objective, cfg)}
+    assert groups["global"]["lr"] == pytest.approx(5e-4) and groups["local"]["lr"] == pytest.approx(1e-3)
+    assert groups["local_no_decay"]["weight_decay"] == 0.0 and groups["local"]["weight_decay"] == 0.1
+    names = {id(p): n for n, p in objective.named_parameters()}
+    decayed = {names[id(p)] for p in groups["local"]["params"]}
+    assert not any("embedding" in n or "norm" in n for n in decayed)
+    total = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert total == sum(p.numel() for p in objective.parameters() if p.requires_grad)
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "checkpoint-9").mkdir()  # a save interrupted before its marker was written
+    assert latest_complete_checkpoint(tmp_path).endswith("checkpoint-5")
+
+
+def test_bad_configs(tmp_path):
+    with pytest.raises(ValueError, match="stage"):
+        TrainConfig(stage=3)
+    with pytest.raises(ValueError, match="no training data"):
+        train(TrainConfig(stage=1, data=[], output=str(tmp_path)))
+    with pytest.raises(ValueError, match="init_from"):
+        from bytelift.training import build_objective
+
+        build_objective(TrainConfig(stage=2, data=["x"]))
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("stage: 2\nlr: 0.001\nwhat: 1\n")
+    with pytest.raises(ValueError, match="unknown training options"):
+        TrainConfig.from_file(cfg_file)
+    cfg_file.write_text("stage: 2\nlr: 0.001\n")
+    cfg = TrainConfig.from_file(cfg_file, max_steps=7)
+    assert cfg.stage == 2 and cfg.lr == 0.001 and cfg.global_lr == 0.0005 and cfg.max_steps == 7
+    assert cfg.adam_beta2 == 0.95
+
+
+def test_torchrun_two_processes_stay_in_sync(tiny_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        "-m", "bytelift.cli", "train", "--stage", "1", "--source", str(tiny_run / "source"),
+        "--data", str(tiny_run / "corpus"), "--output", str(out), "--max-steps", "3", "--batch-size", "2",
+        "--window-tokens", "32", "--set", "model={local_heads: 4}", "--set", "save_steps=3", "--set", "eval_steps=3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["ranks_in_sync"] is True
+    assert (out / "model.safetensors").is_file()
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_run, tmp_path):
+    """A run killed with SIGKILL after a checkpoint and resumed ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out):
+        return [
+            sys.executable, "-m", "bytelift.cli", "train", "--stage", "1", "--source", str(tiny_run / "source"),
+            "--data", str(tiny_run / "corpus"), "--output", str(out), "--max-steps", "8", "--batch-size", "2",
+            "--window-tokens", "32", "--set", "model={local_heads: 4}", "--set", "save_steps=4",
+            "--set", "logging_steps=1", "--set", "heldout_fraction=0", "--resume",
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(command(reference), check=True, capture_output=True, timeout=600, env=env)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / COMPLETE_MARKER).exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists()  # it really died before finishing
+    subprocess.run(command(killed), check=True, capture_output=True, timeout=600, env=env)
+
+    def losses(out):
+        return {e["step"]: e["loss"] for e in read_log(out) if "distill_loss" in e}
+
+    ref, res = losses(reference), losses(killed)
+    assert set(range(5, 9)) <= set(res)  # the resumed run logged steps 5..8
+    for step in range(5, 9):
+        assert res[step] == pytest.approx(ref[step], rel=1e-3), step
