@@ -84,15 +84,22 @@ def decidable_positions(mask: torch.Tensor) -> torch.Tensor:
     return mask & nxt & not_first
 
 
-def boundary_metrics(pred: torch.Tensor, gold: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Precision, recall and F1 of predicted boundaries (B, L) bool against gold, over `mask`."""
+def boundary_counts(pred: torch.Tensor, gold: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
+    """(true positives, predicted, gold) boundary counts of (B, L) bool tensors over `mask`."""
     pred, gold = pred & mask, gold & mask
-    tp = (pred & gold).sum().item()
-    npred, ngold = pred.sum().item(), gold.sum().item()
+    return int((pred & gold).sum()), int(pred.sum()), int(gold.sum())
+
+
+def precision_recall_f1(tp: int, npred: int, ngold: int) -> dict[str, float]:
     precision = tp / npred if npred else 0.0
     recall = tp / ngold if ngold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"boundary_precision": precision, "boundary_recall": recall, "boundary_f1": f1}
+
+
+def boundary_metrics(pred: torch.Tensor, gold: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Precision, recall and F1 of predicted boundaries (B, L) bool against gold, over `mask`."""
+    return precision_recall_f1(*boundary_counts(pred, gold, mask))
 
 
 class Stage1Objective(nn.Module):

@@ -23,7 +23,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from bytelift.losses import WHITESPACE_BYTES
 from bytelift.modeling import ByteliftForCausalLM, check_model_folder, fold_fused_logprobs
-from bytelift.objectives import Stage1Objective, Stage2Objective, decidable_positions
+from bytelift.objectives import (
+    Stage1Objective,
+    Stage2Objective,
+    boundary_counts,
+    decidable_positions,
+    precision_recall_f1,
+)
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, ByteTokenizer
 
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -67,6 +73,7 @@ class TrainConfig:
     eval_windows: int = 32
     char_skill_rate: float = 0.0  # stage 2: fraction of character-skill documents mixed in
     target_bytes_per_patch: float | None = None  # stage 2: merge boundaries up to this ratio
+    max_minutes: float | None = None  # wall-clock budget: stop (and save) once it is spent
     fsdp: bool = False
     resume: bool = False
     model: dict[str, Any] = field(default_factory=dict)  # ByteliftConfig overrides (stage 1)
@@ -194,6 +201,20 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
 
 
+class TimeBudget(TrainerCallback):
+    """Stops training (with a final save) once `minutes` of wall-clock time have passed."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.start = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() - self.start >= self.seconds:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
 class ByteliftTrainer(Trainer):
     """`transformers.Trainer` for a stage objective: logs every loss term, boundary metrics and bytes/s,
     saves the byte model itself (safetensors, loadable with from_pretrained) in each checkpoint, marks
@@ -296,7 +317,7 @@ def evaluate_heldout(model: ByteliftForCausalLM, batches, teacher_forced: bool, 
     was_training = model.training
     model.eval()
     nll_bits, n_bytes = 0.0, 0
-    tp = npred = ngold = 0
+    counts = [0, 0, 0]  # true positives, predicted, gold
     device = next(model.parameters()).device
     for i, batch in enumerate(batches):
         if i >= max_batches:
@@ -314,23 +335,11 @@ def evaluate_heldout(model: ByteliftForCausalLM, batches, teacher_forced: bool, 
         lp = logp[:, :-1].gather(-1, (nxt - BYTE_OFFSET).clamp_min(0)[..., None])[..., 0]
         nll_bits += float(-(lp * is_byte).sum()) / math.log(2)
         n_bytes += int(is_byte.sum())
-        decidable = decidable_positions(mask)
-        pred = model.predict_boundaries(out.boundary_logprobs, mask) & decidable
-        g = gold & decidable
-        tp += int((pred & g).sum())
-        npred += int(pred.sum())
-        ngold += int(g.sum())
+        pred = model.predict_boundaries(out.boundary_logprobs, mask)
+        for k, c in enumerate(boundary_counts(pred, gold, decidable_positions(mask))):
+            counts[k] += c
     model.train(was_training)
-    precision = tp / npred if npred else 0.0
-    recall = tp / ngold if ngold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "bits_per_byte": nll_bits / max(n_bytes, 1),
-        "boundary_precision": precision,
-        "boundary_recall": recall,
-        "boundary_f1": f1,
-        "bytes": float(n_bytes),
-    }
+    return {"bits_per_byte": nll_bits / max(n_bytes, 1), **precision_recall_f1(*counts), "bytes": float(n_bytes)}
 
 
 class MergingCollator:
@@ -440,7 +449,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=collator,
-        callbacks=[JsonlLogger(Path(cfg.output) / LOG_NAME)],
+        callbacks=[JsonlLogger(Path(cfg.output) / LOG_NAME)]
+        + ([TimeBudget(cfg.max_minutes)] if cfg.max_minutes else []),
         run_config=cfg,
     )
     resume = latest_complete_checkpoint(cfg.output) if cfg.resume else None

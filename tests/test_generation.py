@@ -1,0 +1,352 @@
+"""Generation: cached decoding against the full forward, batching invariance, stopping, sampling, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TextStreamer
+
+from bytelift.generation import ByteTextStreamer, DecodingSession
+from bytelift.modeling import ByteliftForCausalLM
+from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
+from tests.tiny_models import tiny_source
+
+# Cached (recurrent, one byte at a time) vs full-forward (parallel) logits: float32, different summation
+# orders; measured max |diff| ≈ 6e-6 on these models (logits of std ≈ 2).
+CACHED_ATOL = 5e-5
+
+MIXED_PROMPTS = [
+    "The quick brown fox",
+    "def f(x):\n    return x",
+    "中文文本测试",
+    "مرحبا بالعالم",
+    "emoji 🙂👍",
+    b"bad \xff\xfe byte",
+    "a",
+    "a long prompt that goes on and on, " * 6,
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models decode byte by byte: with 2 threads on a busy machine each small op pays a thread
+    # rendezvous (~100x slower measured); one thread keeps the suite fast.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(tokenizer, arch="llama", context=256, seed=0):
+    source = tiny_source(arch, tokenizer, seed=seed, context=context)
+    model = ByteliftForCausalLM.from_source(source, tokenizer, local_heads=4).eval()
+    with torch.no_grad():  # a sharper head: greedy choices far from ties, varied outputs
+        model.lm_head.weight.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    from tests.tiny_tokenizers import make_bytelevel_tokenizer
+
+    torch.set_num_threads(1)
+    return _model(make_bytelevel_tokenizer())
+
+
+def _teacher_force(model, prompts, continuations, global_sync):
+    """Drive a DecodingSession with given continuations (lists of fused ids, the first being the last
+    prompt byte); return per row the list of step logits and the full-forward inputs."""
+    batch = model.tokenizer(prompts, padding=True, return_tensors="pt")
+    session = DecodingSession(model, batch["input_ids"], batch["attention_mask"], batch["expanded_ids"],
+                              global_sync=global_sync)
+    B = len(prompts)
+    got = [[] for _ in range(B)]
+    with torch.inference_mode():
+        logits = session.prefill()
+        for r in range(B):
+            got[r].append(logits[r])
+        pointer = [0] * B
+        while True:
+            symbols = torch.tensor([c[min(p, len(c) - 1)] for c, p in zip(continuations, pointer)])
+            for r in range(B):
+                if bool(session.ready[r]) and not bool(session.finished[r]):
+                    pointer[r] += 1
+                    if pointer[r] == len(continuations[r]):
+                        session.finished[r] = True
+            if bool(session.finished.all()):
+                break
+            logits, ready = session.step(symbols)
+            for r in torch.nonzero(ready).flatten().tolist():
+                got[r].append(logits[r])
+    return batch, session, got
+
+
+@pytest.mark.parametrize("global_sync", [1.0, 1e-3])
+def test_cached_decoding_matches_full_forward(model, global_sync):
+    prompts = ["Hello, world", "xy", "A longer prompt with several words in it"]
+    gen = torch.Generator().manual_seed(1)
+    continuations = []
+    for r, p in enumerate(prompts):
+        last = p.encode()[-1] + BYTE_OFFSET
+        new = torch.randint(BYTE_OFFSET, BYTE_VOCAB_SIZE, (12 + 5 * r,), generator=gen)
+        flags = torch.rand(len(new) + 1, generator=gen) < 0.35
+        continuations.append(((torch.cat([torch.tensor([last]), new])) + BYTE_VOCAB_SIZE * flags.long()).tolist())
+    batch, session, got = _teacher_force(model, prompts, continuations, global_sync)
+    if global_sync == 1.0:  # parking ran the global model no more often than the slowest row needed
+        assert session.global_steps <= max(sum(c >= BYTE_VOCAB_SIZE for c in cont) for cont in continuations)
+    with torch.inference_mode():
+        for r, (prompt, cont) in enumerate(zip(prompts, continuations)):
+            valid = batch["attention_mask"][r].bool()
+            prompt_ids = batch["input_ids"][r][valid]
+            n = len(prompt_ids)
+            cont_t = torch.tensor(cont)
+            flags = cont_t >= BYTE_VOCAB_SIZE
+            ids = torch.cat([prompt_ids, cont_t[1:] % BYTE_VOCAB_SIZE])[None]
+            bm = torch.cat([session.prompt_boundaries[r][valid][:-1], flags])[None]
+            full = model(ids, boundary_mask=bm).logits[0]
+            # got[r][k] predicts byte n-1+k: the full logits at position n-2+k.
+            assert len(got[r]) == len(cont)
+            step = torch.stack(got[r])
+            ref = full[n - 2 : n - 2 + len(cont)]
+            torch.testing.assert_close(step, ref, rtol=0, atol=CACHED_ATOL)
+            # The predictor's prompt boundaries are what the full forward would predict on the prompt.
+            pred = model(prompt_ids[None]).boundary_mask[0]
+            assert torch.equal(pred[:-1], session.prompt_boundaries[r][valid][:-1])
+
+
+@pytest.mark.parametrize("global_sync", [1.0, 0.5, 1e-3])
+def test_batched_greedy_equals_alone(model, global_sync):
+    batch_out = model.generate(MIXED_PROMPTS, max_new_bytes=24, return_dict=True, eos=False, global_sync=global_sync)
+    assert batch_out.new_ids.shape == (len(MIXED_PROMPTS), 24)
+    for r, prompt in enumerate(MIXED_PROMPTS):
+        alone = model.generate([prompt], max_new_bytes=24, return_dict=True, eos=False)
+        assert torch.equal(alone.new_ids[0], batch_out.new_ids[r]), prompt
+        assert torch.equal(alone.boundaries[0], batch_out.boundaries[r]), prompt
+    # Not degenerate: outputs differ between prompts, use many byte values, and patches close sometimes.
+    assert len({tuple(row.tolist()) for row in batch_out.new_ids}) == len(MIXED_PROMPTS)
+    assert len(set(batch_out.new_ids.flatten().tolist())) > 40
+    rate = batch_out.boundaries.float().mean()
+    assert 0.05 < rate < 0.95
+    # With parking each row still sees exactly its own patches; the global model ran fewer times than
+    # the rows closed patches in total.
+    assert batch_out.global_steps < int(batch_out.boundaries.sum())
+
+
+def test_identical_prompts_identical_outputs(model):
+    out = model.generate(["same prompt here"] * 8, max_new_bytes=32, return_dict=True, eos=False)
+    assert all(torch.equal(out.new_ids[0], row) for row in out.new_ids)
+    assert out.texts == [out.texts[0]] * 8
+
+
+def test_padding_does_not_change_step_logits(model):
+    # The same row decoded alone and next to a much longer prompt (left padding, masked KV slots).
+    cont = [ord("d") + BYTE_OFFSET + BYTE_VOCAB_SIZE] + [ord(c) + BYTE_OFFSET for c in "efgh"]
+    long_cont = [ord("g") + BYTE_OFFSET] + [ord(c) + BYTE_OFFSET + BYTE_VOCAB_SIZE for c in "ijkl"]
+    _, _, alone = _teacher_force(model, ["abcd"], [cont], 1e-3)
+    _, _, both = _teacher_force(model, ["abcd", "a much longer prompt, padding the other row " * 2 + "g"],
+                                [cont, long_cont], 1e-3)
+    torch.testing.assert_close(torch.stack(both[0]), torch.stack(alone[0]), rtol=0, atol=1e-5)
+
+
+def test_empty_prompt_generates_from_bos(model):
+    out = model.generate([""], max_new_bytes=10, return_dict=True, eos=False)
+    assert out.sequences[0, 0].item() == 1 and out.num_new_bytes.item() == 10
+    assert bool(out.prompt_boundaries[0, 0])  # bos closes its patch
+    # Same as a batch that mixes it with a real prompt.
+    mixed = model.generate(["", "some text"], max_new_bytes=10, return_dict=True, eos=False)
+    assert torch.equal(mixed.new_ids[0], out.new_ids[0])
+
+
+def test_prompt_longer_than_context(bytelevel_tokenizer):
+    small = _model(bytelevel_tokenizer, context=8)
+    with pytest.raises(ValueError, match="context"):
+        small.generate(["a prompt with far more than eight patches in it, surely " * 4], max_new_bytes=4)
+
+
+def test_context_fills_during_decoding(bytelevel_tokenizer):
+    small = _model(bytelevel_tokenizer, context=8)
+    out = small.generate(["ab"], max_new_bytes=200, return_dict=True, eos=False, boundary_bias=50.0)
+    # Every byte closes a patch: the row stops when its patch count reaches the context.
+    assert out.num_new_bytes.item() < 200
+    assert int(out.prompt_boundaries.sum() + out.boundaries.sum()) <= 8 + 1
+
+
+def test_max_new_bytes_exact(model):
+    for n in (0, 1, 7):
+        out = model.generate(["count me", "x"], max_new_bytes=n, return_dict=True, eos=False)
+        assert out.num_new_bytes.tolist() == [n, n]
+        assert out.sequences.shape[1] == out.new_ids.shape[1] + 9 and out.new_ids.shape[1] == n
+    tensor_out = model.generate(model.tokenizer(["count me"], return_tensors="pt")["input_ids"], max_new_bytes=5)
+    assert tensor_out.shape == (1, 9 + 5)
+
+
+def test_stop_strings(model):
+    full = model.generate(["stop test"], max_new_bytes=30, return_dict=True, eos=False)
+    new = bytes(full.new_ids[0].tolist()[i] - BYTE_OFFSET for i in range(30))
+    stop = new[10:13]  # a substring the model will produce
+    first = new.find(stop)
+    out = model.generate(["stop test", "other row"], max_new_bytes=30, return_dict=True, eos=False,
+                         stop_strings=[stop, "never-generated"])
+    assert out.num_new_bytes[0].item() == first + len(stop)
+    assert bytes(out.new_ids[0, : first + len(stop)] - BYTE_OFFSET) == new[: first + len(stop)]
+    alone = model.generate(["other row"], max_new_bytes=30, return_dict=True, eos=False, stop_strings=[stop])
+    assert torch.equal(out.new_ids[1, : alone.num_new_bytes.item()], alone.new_ids[0])
+
+
+class _ForceEos:
+    """A logits processor forcing EOS at a chosen step for row 0."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.at:
+            scores = scores.clone()
+            scores[0] = -float("inf")
+            scores[0, EOS_ID] = 0.0
+        return scores
+
+
+def test_eos_stops_a_row(model):
+    out = model.generate(["eos row", "free row"], max_new_bytes=12, return_dict=True,
+                         logits_processor=[_ForceEos(4)], global_sync=1e-3)
+    assert out.num_new_bytes.tolist() == [4, 12]
+    assert out.new_ids[0, 3].item() == EOS_ID and (out.new_ids[0, 4:] == PAD_ID).all()
+    # eos=False bans it: the same forcing cannot stop the row.
+    banned = model.generate(["eos row"], max_new_bytes=12, return_dict=True, eos=False, logits_processor=[_ForceEos(4)])
+    assert banned.num_new_bytes.item() == 12 and EOS_ID not in banned.new_ids[0].tolist()
+
+
+def test_seeded_sampling_reproducible(model):
+    kwargs = dict(max_new_bytes=24, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.2,
+                  return_dict=True, eos=False)
+    a = model.generate(["sample", "two"], seed=3, **kwargs)
+    b = model.generate(["sample", "two"], seed=3, **kwargs)
+    c = model.generate(["sample", "two"], seed=4, **kwargs)
+    greedy = model.generate(["sample", "two"], max_new_bytes=24, return_dict=True, eos=False)
+    assert torch.equal(a.new_ids, b.new_ids)
+    assert not torch.equal(a.new_ids, c.new_ids)
+    assert not torch.equal(a.new_ids, greedy.new_ids)
+
+
+def test_repetition_penalty_sees_byte_history(model):
+    # A huge penalty forbids repeating any byte already present (prompt or new): all new bytes distinct.
+    out = model.generate(["abc"], max_new_bytes=20, return_dict=True, eos=False, repetition_penalty=1e6)
+    new = out.new_ids[0].tolist()
+    assert len(set(new)) == len(new)
+    assert not {ord(c) + BYTE_OFFSET for c in "abc"} & set(new)
+
+
+def test_streaming(model):
+    prompt = "stream: 中文 🙂"
+    # Force multi-byte characters into the output so that splitting them would show.
+    kwargs = dict(max_new_bytes=40, eos=False, logits_processor=[_Utf8Bias()])
+    final = model.generate([prompt], return_dict=True, **kwargs)
+    pieces = list(model.stream(prompt, **kwargs))
+    assert "".join(pieces) == final.texts[0]
+    new = bytes((final.new_ids[0] - BYTE_OFFSET).tolist())
+    assert any(b >= 0xC0 for b in new)  # multi-byte lead bytes were generated
+    cumulative = b""
+    for piece in pieces:
+        cumulative += piece.encode("utf-8")
+        # Every piece boundary is a character boundary of the final text.
+        assert final.texts[0].encode("utf-8").startswith(cumulative)
+
+    got = []
+    model.generate([prompt], streamer=ByteTextStreamer(on_text=got.append), **kwargs)
+    assert "".join(got) == final.texts[0] and got == pieces
+
+    # A transformers TextStreamer works with the byte tokenizer too.
+    printed = []
+
+    class Capture(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            printed.append(text)
+
+    model.generate([prompt], streamer=Capture(model.tokenizer, skip_prompt=True, skip_special_tokens=True), **kwargs)
+    assert "".join(printed) == final.texts[0]
+
+
+class _Utf8Bias:
+    """Pushes the choice towards valid multi-byte UTF-8: after a lead byte, continuation bytes."""
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        last = input_ids[:, -1] - BYTE_OFFSET
+        need_cont = (last >= 0xC0) | ((last >= 0x80) & (input_ids[:, -2] - BYTE_OFFSET >= 0xE0))
+        cont = torch.arange(0x80, 0xC0) + BYTE_OFFSET
+        scores[need_cont[:, None] & torch.ones_like(scores, dtype=torch.bool).index_fill(1, cont, False)] -= 1e4
+        lead = torch.tensor([0xE4, 0xF0]) + BYTE_OFFSET
+        scores[~need_cont, lead[0]] += 3.0
+        return scores
+
+
+def test_greedy_ignores_global_rng(model):
+    torch.manual_seed(0)
+    a = model.generate(["rng"], max_new_bytes=8)
+    torch.manual_seed(123)
+    b = model.generate(["rng"], max_new_bytes=8)
+    assert torch.equal(a, b)
+
+
+def test_cli_generate(model, tmp_path, capsys, monkeypatch):
+    import io
+
+    from bytelift.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    expected = model.generate(["hello", "from stdin"], max_new_bytes=6, return_dict=True).texts
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin"))
+    assert main(["generate", str(tmp_path / "m"), "hello", "-", "--max-new-bytes", "6", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == f"=== 0 ===\n{expected[0]}\n=== 1 ===\n{expected[1]}\n"
+    assert main(["generate", str(tmp_path / "m"), "hello", "--max-new-bytes", "6", "--stream", "--threads", "1"]) == 0
+    assert capsys.readouterr().out == expected[0] + "\n"
+
+
+def test_max_patch_bytes(model):
+    out = model.generate(["patch caps", "x"], max_new_bytes=30, return_dict=True, eos=False, boundary_bias=-1e9,
+                         max_patch_bytes=3)
+    # No natural boundary (bias), so every third byte of the running patch closes it.
+    for r in range(2):
+        flags = torch.cat([out.prompt_boundaries[r], out.boundaries[r]]).tolist()
+        last = max(i for i, f in enumerate(out.prompt_boundaries[r].tolist()) if f)
+        run = len(out.prompt_boundaries[r]) - 1 - last
+        for f in flags[len(out.prompt_boundaries[r]):]:
+            run += 1
+            assert f == (run == 3)
+            run = 0 if f else run
+
+
+@pytest.mark.parametrize("arch,family", [("gpt2", "bytelevel"), ("gemma3", "sentencepiece"), ("qwen3", "bytelevel")])
+def test_other_architectures_batched_equals_alone(arch, family, bytelevel_tokenizer, sentencepiece_tokenizer):
+    # gpt2: learned absolute positions (explicit position_ids); gemma3: sliding-window layers (parking is
+    # forced, so its windows over KV slots stay windows over patches); qwen3: q/k norms.
+    tok = {"bytelevel": bytelevel_tokenizer, "sentencepiece": sentencepiece_tokenizer}[family]
+    m = _model(tok, arch=arch)
+    prompts = ["a longer first prompt, to pad the others " * 2, "mid length", "中文 🙂"]
+    kwargs = dict(max_new_bytes=20, return_dict=True, eos=False)
+    batch = m.generate(prompts, **kwargs)
+    for r, p in enumerate(prompts):
+        assert torch.equal(m.generate([p], **kwargs).new_ids[0], batch.new_ids[r]), (arch, p)
+    assert 0 < int(batch.boundaries.sum()) < batch.boundaries.numel()
+
+
+def test_forced_last_prompt_byte(model):
+    # The rolled-back last prompt byte: the head alone decides whether it closes a patch, from the logits
+    # of the full forward at the byte before it; a bos-only prompt's byte always closes its patch.
+    prompts = ["Hello, world", "xy", "some more text", ""]
+    batch = model.tokenizer(prompts, padding=True, return_tensors="pt")
+    session = DecodingSession(model, batch["input_ids"], batch["attention_mask"], batch["expanded_ids"])
+    with torch.inference_mode():
+        symbols = session.forced_symbols(session.prefill())
+        assert torch.equal(symbols % BYTE_VOCAB_SIZE, batch["input_ids"][:, -1])
+        for r, p in enumerate(prompts[:-1]):
+            ids = batch["input_ids"][r][batch["attention_mask"][r].bool()][None]
+            logits = model(ids).logits[0, -2]
+            last = int(ids[0, -1])
+            assert bool(symbols[r] >= BYTE_VOCAB_SIZE) == bool(logits[last + BYTE_VOCAB_SIZE] > logits[last])
+        assert symbols[-1] == 1 + BYTE_VOCAB_SIZE
+        flips = session.forced_symbols(session.prefill(), boundary_bias=-1e9)
+        assert (flips[:-1] < BYTE_VOCAB_SIZE).all()
