@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bytelift.mlstm import (
-    DEFAULT_CHUNK_SIZE,
+    PARALLEL_MAX_LEN,
     LocalBlock,
     LocalStack,
     MLSTMLayer,
@@ -70,7 +70,8 @@ def naive_mlstm(q, k, v, i, f, state=None):
     q, k, v, i, f = (t.detach().double() for t in (q, k, v, i, f))
     h = torch.zeros(B, H, S, v.shape[-1], dtype=torch.float64)
     f64 = {"dtype": torch.float64}
-    C_out, n_out, m_out = torch.zeros(B, H, d_qk, v.shape[-1], **f64), torch.zeros(B, H, d_qk, **f64), torch.zeros(B, H, **f64)
+    C_out = torch.zeros(B, H, d_qk, v.shape[-1], **f64)
+    n_out, m_out = torch.zeros(B, H, d_qk, **f64), torch.zeros(B, H, **f64)
     for b in range(B):
         for hd in range(H):
             if state is None:
@@ -288,6 +289,26 @@ def test_gradients_agree_across_forms(S, kw):
     assert all(g.abs().sum() > 0 for g in ref)
 
 
+@pytest.mark.parametrize("chunks_per_group", [1, 3])
+def test_chunkwise_split_into_groups(monkeypatch, chunks_per_group):
+    """The chunkwise core works through groups of chunks (sized by BLOCK_BYTES); the result, state and
+    gradients must not depend on the grouping, also with resets and masks crossing group borders."""
+    import bytelift.mlstm as mlstm_module
+
+    S, L = 150, 16  # 10 chunks: groups of 1 or 3 (+ a shorter last group)
+    inputs = random_inputs(S=S, seed=33, grad=True)
+    g = torch.Generator().manual_seed(8)
+    extra = {"reset": torch.rand(2, S, generator=g) > 0.95, "mask": torch.rand(2, S, generator=g) > 0.1}
+    state = random_state()
+    h_ref, st_ref = mlstm_parallel(*inputs, state=state, **extra)
+    grads_ref = grads_of(mlstm_parallel, inputs, state, **extra)
+    monkeypatch.setattr(mlstm_module, "BLOCK_BYTES", chunks_per_group * 2 * 3 * L * L * 8)  # B·H·L²·float64
+    h, st = mlstm_chunkwise(*inputs, state=state, chunk_size=L, **extra)
+    assert rel_err(h, h_ref) < F64_TOL and rel_err(st.C, st_ref.C) < F64_TOL and rel_err(st.m, st_ref.m) < F64_TOL
+    for got, want, label in zip(grads_of(chunkwise(L), inputs, state, **extra), grads_ref, "qkvif"):
+        assert rel_err(got, want) < F64_TOL, label
+
+
 def test_gradcheck_chunkwise_small():
     """Hand-written backward of the chunkwise form vs finite differences (stabiliser held fixed: the
     stabiliser only enters through the 1e-6 eps, far below the finite-difference tolerance)."""
@@ -402,6 +423,8 @@ def test_layer_backends_agree_and_decoding_matches():
     y_ref, st_ref = outs["recurrent"]
     for backend, (y, st) in outs.items():
         assert rel_err(y, y_ref) < F64_TOL and rel_err(st.C, st_ref.C) < F64_TOL, backend
+    short = x[:, : PARALLEL_MAX_LEN - 3]  # "auto" takes the parallel form here
+    assert rel_err(small_layer()(short)[0], small_layer(backend="recurrent")(short)[0]) < F64_TOL
     # prefill 140 positions, then decode 10 one at a time (auto picks the step form for S == 1)
     layer = small_layer()
     y_pre, state = layer(x[:, :140])
@@ -519,6 +542,3 @@ def test_triton_backend_matches_native():
     y, st = layer(x)
     assert rel_err(y, y_native) < 1e-3 and rel_err(st.C, st_native.C) < 1e-3
 
-
-def test_default_chunk_size_is_sane():
-    assert DEFAULT_CHUNK_SIZE in (32, 64, 128)

@@ -78,11 +78,12 @@ def test_stage2_from_stage1_with_merges(tiny_run):
     cfg = TrainConfig(
         stage=2, init_from=str(tiny_run / "s1"), data=[str(tiny_run / "corpus")], output=str(tiny_run / "s2"),
         window_tokens=32, batch_size=2, max_steps=4, logging_steps=2, save_steps=4, eval_steps=4,
-        heldout_fraction=0.15, target_bytes_per_patch=8.0,
+        heldout_fraction=0.15, target_bytes_per_patch=8.0, streaming=True,
     )
     metrics = train(cfg)
     logs = [e for e in read_log(tiny_run / "s2") if "ce_loss" in e]
     assert logs and all(k in logs[0] for k in ("ce_loss", "boundary_loss", "bytes_per_patch"))
+    assert all(e["target_bytes_per_patch"] >= 7.5 for e in logs)  # merges reached (about) the target
     assert "eval_bits_per_byte" in metrics
     before = AutoModelForCausalLM.from_pretrained(tiny_run / "s1")
     after = AutoModelForCausalLM.from_pretrained(tiny_run / "s2")
@@ -133,24 +134,32 @@ def test_bad_configs(tmp_path):
     assert cfg.adam_beta2 == 0.95
 
 
-def test_torchrun_two_processes_stay_in_sync(tiny_run, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_torchrun_two_processes_stay_in_sync(mode, tiny_run, tmp_path):
     import os
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
+    out = tmp_path / mode
+    port = "29533" if mode == "ddp" else "29534"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
         "-m", "bytelift.cli", "train", "--stage", "1", "--source", str(tiny_run / "source"),
         "--data", str(tiny_run / "corpus"), "--output", str(out), "--max-steps", "3", "--batch-size", "2",
         "--window-tokens", "32", "--set", "model={local_heads: 4}", "--set", "save_steps=3", "--set", "eval_steps=3",
+        "--set", f"fsdp={str(mode == 'fsdp').lower()}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["ranks_in_sync"] is True
-    assert (out / "model.safetensors").is_file()
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    # The saved model is whole (not a shard) and its frozen global model is still the source's.
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    source = AutoModelForCausalLM.from_pretrained(tiny_run / "source")
+    torch.testing.assert_close(trained.global_model.layers[1].mlp.down_proj.weight, source.model.layers[1].mlp.down_proj.weight)
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_run, tmp_path):

@@ -14,18 +14,21 @@ PLANNED = {
 
 def _cmd_tokenize(args) -> int:
     from bytelift.sources import load_source_tokenizer
-    from bytelift.tokenization import ByteTokenizer
+    from bytelift.tokenization import BYTE_OFFSET, ByteTokenizer
 
     tok = ByteTokenizer.from_source(load_source_tokenizer(args.source))
     text = args.text if args.text is not None else sys.stdin.read()
     enc = tok(text)
     src = tok.source_tokenizer
     print(f"{len(enc['input_ids'])} byte ids (with bos); source tokens: {len(src.encode(text, add_special_tokens=False))}")
-    print("pos  byte  longest source token ending here")
+    print("pos  byte       longest source token ending here (id: bytes)")
+    token_bytes = tok.source_vocab.token_bytes
     for t, (b, s) in enumerate(zip(enc["input_ids"], enc["expanded_ids"])):
-        sym = tok.convert_ids_to_tokens(b)
-        piece = src.convert_ids_to_tokens(s) if s < len(src) else "<no subword>"
-        print(f"{t:>3}  {sym!s:>5}  {piece}")
+        value = b - BYTE_OFFSET
+        printable = repr(chr(value)) if 32 <= value < 127 else ""
+        symbol = tok.convert_ids_to_tokens(b) if b < BYTE_OFFSET else f"0x{value:02x} {printable}"
+        piece = repr(token_bytes[s]) if s < len(token_bytes) and token_bytes[s] is not None else "<special/none>"
+        print(f"{t:>3}  {symbol:<10} {s}: {piece}")
     return 0
 
 

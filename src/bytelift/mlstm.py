@@ -23,8 +23,9 @@ All take q, k (B, H, S, d_qk), v (B, H, S, d_v) and the gate pre-activations i, 
 soft-capped by the layer), optionally a state to continue from, a ``mask`` and a ``reset``:
 
 - ``mask`` (B, S) bool, False = this position does not touch the state (neutral gates: log-forget 0,
-  input gate -inf, so C, n, m are carried over exactly). Its output is finite but meaningless.
-  Used for padding and for parking rows during batched decoding.
+  input gate -inf, so C, n, m are carried over exactly; bit-exactly in the step form). Its output is
+  the carried state read out with that position's q, the same in every form, and meaningless to the
+  caller. Used for padding and for parking rows during batched decoding.
 - ``reset`` (B, S) bool, True = a new sequence starts here: the state before this position is
   replaced by the initial state (0, 0, 0), so the result is exactly that of a fresh call on the
   suffix. (The reference instead sets the forget pre-activation to -1e5 there, which matches a fresh
@@ -35,8 +36,9 @@ Recurrences run in float32 (float64 if the inputs are float64) whatever the acti
 state (``MLSTMState``) is always in that dtype and h is cast back to the input dtype.
 
 Gradients: the stabiliser m is treated as a constant (it is computed without gradient) in every
-form. It cancels out of h except in the 1e-6 eps, so this only drops an eps-sized term, and it makes
-all forms differentiate the same function.
+form. It cancels out of h except in the 1e-6 eps, so this only drops the derivative of that eps term
+(relative size about 1e-6·e^m/|n̂ᵀq̂|; the per-head LayerNorm after the cell removes h's scale anyway),
+and it makes all forms differentiate the same function.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ from torch import nn
 
 # The reference kernels add this to the denominator of h (mlstm_kernels, all forms).
 EPS = 1e-6
+LOG2_E = math.log2(math.e)
 # Chunk length of the chunkwise form. Measured on this project's 2-core CPU (benchmarks/mlstm.py shapes:
-# B=4, H=16, d_qk=18, d_v=36, S=4096, fwd+bwd): 16 and 32 are within noise of each other, 64 is ~25%
-# slower, 128 ~2x slower (the (L, L) work per token grows with L). 32 also keeps the (L, L) matrices
-# of a group small. (The reference uses 64 in its HF code and 128 in training; the function is the same.)
+# B=4, H=16, d_qk=18, d_v=36, S=4096, fwd+bwd): 16 and 32 are within noise of each other, 64 is 15-25%
+# slower, 128 ~1.8x slower (the (L, L) work per token grows with L). (The reference uses 64 in its HF
+# code and 128 in training; the function computed is the same.)
 DEFAULT_CHUNK_SIZE = 32
 # MLSTMLayer(backend="auto") uses the parallel form up to this length and the chunkwise form above it:
 # up to one chunk both do the same work and the parallel form has less overhead; at S=64 the chunkwise
@@ -62,6 +65,9 @@ PARALLEL_MAX_LEN = 32
 # The chunkwise form works through its chunks in groups whose (L, L) temporaries take about this many
 # bytes (see _ChunkwiseCore): small enough to stay in cache, big enough to keep Python overhead low.
 BLOCK_BYTES = 4 * 2**20
+# ... and of at most this many chunks: the recurrence inside a group is one matmul with a (G+1, G)
+# matrix of decays, whose cost grows with G² (at 16 it adds ~4% to the whole form).
+MAX_GROUP_CHUNKS = 16
 # Gate pre-activation soft cap, input-gate bias and head-norm eps of the reference (spec §2.2).
 GATE_SOFT_CAP = 15.0
 IGATE_BIAS_INIT = -10.0
@@ -312,8 +318,8 @@ def mlstm_chunkwise(
     Split in two: everything per position and per chunk that is a scalar (cumulative log gates,
     stabilisers, the weights of keys and carried states) is computed here with plain autograd on
     (B, H, N, L) tensors; everything d-wide (states, outputs) happens in ``_ChunkwiseCore``, which has a
-    hand-written backward. Work is O(S·L·d) with L = chunk_size, plus a Python loop over the S/L chunks
-    that does one small multiply-add of states per chunk.
+    hand-written backward. Work is O(S·L·d) with L = chunk_size; the recurrence across chunks costs a
+    small matmul per group of chunks plus a Python loop over the S/L chunks on (B, H) stabilisers.
     """
     B, H, S, d_qk = q.shape
     d_v = v.shape[-1]
@@ -340,7 +346,6 @@ def mlstm_chunkwise(
     x = log_i - g  # (B, H, N, L): log weight of key s, up to the reader's g_t (weight_ts = g_t + x_s)
     # log decay of the incoming state across each chunk; a reset in the chunk cuts it
     chunk_decay = g_last if reset is None else torch.where(reset.reshape(B, 1, N, L).any(-1), -math.inf, g_last)
-    x_state = x  # log weight of key s in its chunk's final state (up to g_last)
     mask_bias = torch.zeros(L, L, dtype=dtype, device=q.device).masked_fill_(
         ~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), -math.inf
     )  # (L, L): 0 where key s is visible from t (s <= t), -inf elsewhere
@@ -376,18 +381,19 @@ def mlstm_chunkwise(
             c_in = torch.where(carries_in, c_in, -math.inf)
         m = torch.maximum(m_intra, g + c_in)  # (B, H, N, L), equal to the recurrence's m_t
 
-    if reset is not None:
-        x_state = torch.where(in_last_seg, x, -math.inf)
-    key_w = torch.exp(g_last[..., None] + x_state - m_out[..., None])  # (B, H, N, L) key weights in chunk states
-    carry = torch.exp(chunk_decay + m_in - m_out)  # (B, H, N) weight of the incoming state in the outgoing
+    # weight of key s in the state its chunk hands on (only keys after the chunk's last reset reach it)
+    x_state = x if reset is None else torch.where(in_last_seg, x, -math.inf)
+    key_w = torch.exp(g_last[..., None] + x_state - m_out[..., None])  # (B, H, N, L)
+    log_carry = chunk_decay + m_in - m_out  # (B, H, N) log weight of the incoming state in the outgoing
     Cn0 = torch.cat([state.C, state.n[..., None]], dim=-1)  # (B, H, d_qk, d_v + 1)
-    h, Cn = _ChunkwiseCore.apply(q, k, v, g - m, x, c_in, m, key_w, carry, Cn0, mask_bias, eps)
+    h, Cn = _ChunkwiseCore.apply(q, k, v, g - m, x, c_in, m, key_w, log_carry, Cn0, mask_bias, eps)
     return h.to(in_dtype), MLSTMState(Cn[..., :d_v].contiguous(), Cn[..., d_v].contiguous(), m_c)
 
 
 def _chunk_groups(N: int, bytes_per_chunk: int) -> list[tuple[int, int]]:
-    """Consecutive chunk ranges [c0, c1) whose (L, L) temporaries take about BLOCK_BYTES each."""
-    step = max(1, BLOCK_BYTES // bytes_per_chunk)
+    """Consecutive chunk ranges [c0, c1) whose (L, L) temporaries take about BLOCK_BYTES each, and of at
+    most MAX_GROUP_CHUNKS chunks."""
+    step = min(max(1, BLOCK_BYTES // bytes_per_chunk), MAX_GROUP_CHUNKS)
     return [(c0, min(c0 + step, N)) for c0 in range(0, N, step)]
 
 
@@ -434,139 +440,28 @@ def _scatter(dst: torch.Tensor, src: torch.Tensor, c0: int, L: int) -> None:
     dst[:, :, t0 : t0 + rows.shape[2]] = rows[:, :, : S - t0]
 
 
-class _ChunkwiseCore(torch.autograd.Function):
-    """The d-wide part of the chunkwise form, with a hand-written backward.
-
-    Inputs: q, k (B, H, S, d_qk), v (B, H, S, d_v) (any strides, any float dtype); and per chunk
-    (N chunks of L, S ≤ N·L), in the compute dtype: w = g - m, x, c, m (B, H, N, L), key_w (B, H, N, L),
-    carry (B, H, N), Cn0 (B, H, d_qk, d_v + 1), mask_bias (L, L) or (B, 1, N, L, L); eps a float.
-    With q̂ = q/sqrt(d_qk) and v1 = [v | 1] it computes, for position t of chunk j,
-
-        out_t = Σ_s exp(w_t + x_s + mask_bias_ts) (q̂_t·k_s) v1_s  +  exp(w_t + c_t) Cn_jᵀ q̂_t
-        Cn_{j+1} = carry_j Cn_j + Σ_s key_w_s k_s v1_sᵀ,         Cn_0 = Cn0
-        h_t = out_t[:d_v] / (max(|out_t[d_v]|, exp(-m_t)) + eps)
-
-    and returns h (B, H, S, d_v) and the last state Cn_N. (n is the memory of the constant 1 column, so
-    [C | n] evolve as one tensor and one matmul gives numerator and denominator.)
-
-    Why by hand: autograd would keep and re-read a dozen (B, H, S, d)- and (…, L, L)-sized
-    intermediates. Here the chunks are processed in groups whose temporaries live in one reused
-    workspace that stays in cache; the (L, L) matrices and the states inside a group are recomputed in
-    the backward from the group's entry state instead of being stored; and the gate gradients need no
-    (L, L) work at all: d out_t/d w_t = out_t gives dw_t = <dout_t, out_t>, and dx_s = <v1_s, dv1_s>.
+def _boundary_decays(log_carry: torch.Tensor) -> torch.Tensor:
+    """Log carries a (b, G) of G consecutive chunks -> P (b, G + 1, G + 1), with
+    P[r, p] = exp(a_p + ... + a_{r-1}) for p ≤ r and 0 for p > r: the weight with which the state at
+    chunk boundary p survives in the state at boundary r (boundary r enters chunk r; boundary G leaves
+    the last one). Each entry sums exactly its own terms (a masked cumulative sum rather than a
+    difference of prefix sums), so a -inf carry (a reset) stays -inf without NaNs and no precision is
+    lost over long runs of chunks.
     """
+    b, G = log_carry.shape
+    r = torch.arange(G + 1, device=log_carry.device)[:, None]
+    terms = torch.where(torch.arange(G, device=log_carry.device) < r, log_carry[:, None, :], 0.0)  # a_u, u < r
+    sums = F.pad(terms.flip(-1).cumsum(-1).flip(-1), (0, 1))  # (b, G + 1, G + 1): Σ_{p ≤ u < r} a_u
+    return torch.where(torch.arange(G + 1, device=log_carry.device) <= r, sums.exp(), 0.0)
 
-    @staticmethod
-    def forward(ctx, q, k, v, w, x, c, m, key_w, carry, Cn0, mask_bias, eps):
-        B, H, S, d_qk = q.shape
-        d_v = v.shape[-1]
-        N, L = w.shape[-2:]
-        ws = _Workspace(q.device, w.dtype)
-        groups = _chunk_groups(N, B * H * L * L * w.element_size())
-        h = torch.empty(B, H, S, d_v, dtype=w.dtype, device=q.device)
-        den = torch.empty_like(w)  # (B, H, N, L) denominators, for the backward
-        Cn_groups = []  # the state entering each group
-        Cn = Cn0
-        for c0, c1 in groups:
-            Cn_groups.append(Cn)
-            g = _ChunkwiseCore._group(ws, q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn, c0, c1)
-            Cn = g.Cn_out
-            out = torch.bmm(g.scores, g.v1, out=ws("out", *g.v1.shape))
-            q_inter = torch.mul(g.q, g.inter_w[..., None], out=ws("q_inter", *g.q.shape))
-            out.baddbmm_(q_inter, g.Cn_in)  # + the incoming state
-            den_g = den[:, :, c0:c1]
-            den_g.copy_(out[..., d_v].view(den_g.shape))
-            inv = 1.0 / (torch.maximum(out[..., d_v].abs(), torch.exp(-g.m)) + eps)
-            _scatter(h, out.mul_(inv[..., None]), c0, L)
-        ctx.eps, ctx.groups = eps, groups
-        ctx.save_for_backward(q, k, v, w, x, c, m, key_w, carry, mask_bias, torch.stack(Cn_groups, 2), h, den)
-        return h, Cn
 
-    @staticmethod
-    def _group(ws, q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn, c0, c1) -> _Group:
-        """Everything the outputs of chunks [c0, c1) need, from the state Cn (B, H, d_qk, d_v + 1) that
-        enters chunk c0. Tensors are (b, L, ·) with b = B·H·(c1 - c0)."""
-        B, H, _, d_qk = q.shape
-        L = w.shape[-1]
-        G = c1 - c0
-        q_g = _gather(ws, "q", q, c0, c1, L).mul_(d_qk**-0.5)
-        k_g = _gather(ws, "k", k, c0, c1, L)
-        v1 = _gather(ws, "v1", v, c0, c1, L, ones=True)
-        w_g, x_g, c_g, m_g, key_w_g = (t[:, :, c0:c1].reshape(-1, L) for t in (w, x, c, m, key_w))
-        b = q_g.shape[0]
-        # intra-chunk weights; the mask's -inf goes in before the exp, which so never sees the (possibly
-        # huge) positive exponents above the diagonal
-        bias = mask_bias if mask_bias.dim() == 2 else mask_bias[:, :, c0:c1].expand(B, H, G, L, L).reshape(b, L, L)
-        weights = torch.add(w_g[:, :, None], x_g[:, None, :], out=ws("weights", b, L, L)).add_(bias).exp_()
-        scores = torch.bmm(q_g, k_g.transpose(1, 2), out=ws("scores", b, L, L)).mul_(weights)
-        inter_w = torch.exp(w_g + c_g)
-        # the chunks' own states, then the recurrence through the group
-        k_w = torch.mul(k_g, key_w_g[..., None], out=ws("k_w", b, L, d_qk))
-        chunk_Cn = torch.bmm(k_w.transpose(1, 2), v1, out=ws("chunk_Cn", b, d_qk, v1.shape[-1]))
-        chunk_Cn = chunk_Cn.view(B, H, G, d_qk, -1)
-        Cn_in = ws("Cn_in", B, H, G, d_qk, v1.shape[-1])  # [:, :, j] enters chunk c0 + j
-        Cn_in[:, :, 0] = Cn
-        for j in range(G):  # one fused op per chunk, written straight into place
-            Cn = Cn_in[:, :, j + 1] if j + 1 < G else torch.empty_like(Cn)
-            torch.addcmul(chunk_Cn[:, :, j], carry[:, :, c0 + j, None, None], Cn_in[:, :, j], out=Cn)
-        return _Group(q_g, k_g, v1, weights, scores, inter_w, k_w, key_w_g, m_g, Cn_in.view(b, d_qk, -1), Cn)
-
-    @staticmethod
-    def backward(ctx, dh, dCn_last):
-        q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn_groups, h, den = ctx.saved_tensors
-        B, H, S, d_qk = q.shape
-        d_v = v.shape[-1]
-        N, L = w.shape[-2:]
-        ws = _Workspace(q.device, w.dtype)
-        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-        dw, dx, dkey_w, dcarry = (torch.empty_like(t) for t in (w, x, key_w, carry))
-        dCn = torch.zeros_like(Cn_groups[:, :, 0]) if dCn_last is None else dCn_last.clone()
-        if dh is None:
-            dh = torch.zeros_like(h)
-        for gi in reversed(range(len(ctx.groups))):
-            c0, c1 = ctx.groups[gi]
-            G = c1 - c0
-            g = _ChunkwiseCore._group(ws, q, k, v, w, x, c, m, key_w, carry, mask_bias, Cn_groups[:, :, gi], c0, c1)
-            b = g.q.shape[0]
-            # through the normaliser: h = num·inv, inv = 1/(max(|den|, e^-m) + eps), num = out[:d_v]
-            dh_g, h_g = _gather(ws, "dh", dh, c0, c1, L), _gather(ws, "h", h, c0, c1, L)
-            den_g = den[:, :, c0:c1].reshape(-1, L)
-            floor = torch.exp(-g.m)
-            inv = 1.0 / (torch.maximum(den_g.abs(), floor) + ctx.eps)
-            dh_h = h_g.mul_(dh_g).sum(-1)  # <dh, h> = <dh, num>·inv
-            dden = torch.where(den_g.abs() >= floor, -dh_h * inv * torch.sign(den_g), 0.0)
-            dout = ws("dout", b, L, d_v + 1)
-            torch.mul(dh_g, inv[..., None], out=dout[..., :d_v])
-            dout[..., d_v] = dden
-            dw[:, :, c0:c1] = (dh_h + dden * den_g).view(B, H, G, L)  # <dout, out>
-            # intra-chunk part
-            dv1 = torch.bmm(g.scores.transpose(1, 2), dout, out=ws("dv1", b, L, d_v + 1))
-            dx[:, :, c0:c1] = torch.mul(g.v1, dv1, out=ws("tmp", b, L, d_v + 1)).sum(-1).view(B, H, G, L)
-            dqk = torch.bmm(dout, g.v1.transpose(1, 2), out=ws("dqk", b, L, L)).mul_(g.weights)  # d(q̂ kᵀ)
-            dq_g = torch.bmm(dqk, g.k, out=ws("dq", b, L, d_qk))
-            dq_g.baddbmm_(dout.mul_(g.inter_w[..., None]), g.Cn_in.transpose(1, 2))  # dout scaled from here on
-            dk_g = torch.bmm(dqk.transpose(1, 2), g.q, out=ws("dk", b, L, d_qk))
-            # incoming states: their gradient from this group's outputs, then the recurrence backwards
-            dCn_out = torch.bmm(g.q.transpose(1, 2), dout, out=ws("dCn_out", b, d_qk, d_v + 1))
-            dCn_out = dCn_out.view(B, H, G, d_qk, d_v + 1)
-            # dCn_next[:, :, j]: gradient of the state leaving chunk c0 + j, which is also the gradient
-            # of that chunk's own contribution chunk_Cn; [:, :, j - 1] = dCn_out_j + carry_j dCn_next_j
-            dCn_next = ws("dCn_next", B, H, G, d_qk, d_v + 1)
-            dCn_next[:, :, G - 1] = dCn
-            for j in reversed(range(G)):
-                dCn = dCn_next[:, :, j - 1] if j else torch.empty_like(dCn)  # ends as the group's entry grad
-                torch.addcmul(dCn_out[:, :, j], carry[:, :, c0 + j, None, None], dCn_next[:, :, j], out=dCn)
-            dcarry[:, :, c0:c1] = (dCn_next * g.Cn_in.view(B, H, G, d_qk, d_v + 1)).sum((-2, -1))
-            # the chunks' own states: chunk_Cn = (k·key_w)ᵀ v1
-            dchunk = dCn_next.view(b, d_qk, d_v + 1)
-            dk_w = torch.bmm(g.v1, dchunk.transpose(1, 2), out=ws("dk_w", b, L, d_qk))
-            dv1.baddbmm_(g.k_w, dchunk)
-            dk_g.addcmul_(dk_w, g.key_w[..., None])
-            dkey_w[:, :, c0:c1] = dk_w.mul_(g.k).sum(-1).view(B, H, G, L)
-            _scatter(dq, dq_g.mul_(d_qk**-0.5), c0, L)
-            _scatter(dk, dk_g, c0, L)
-            _scatter(dv, dv1, c0, L)
-        return dq, dk, dv, dw, dx, None, None, dkey_w, dcarry, dCn, None, None
+def _boundary_decays_backward(P: torch.Tensor, dP: torch.Tensor) -> torch.Tensor:
+    """Gradient of the log carries (b, G) from that of P = _boundary_decays(log carries): a_u appears in
+    every P[r, p] with p ≤ u < r, with derivative P[r, p]."""
+    G = P.shape[-1] - 1
+    below = (dP * P).cumsum(-1)[..., :G]  # [r, u]: Σ_{p ≤ u} dP[r, p] P[r, p]
+    r = torch.arange(G + 1, device=P.device)[:, None]
+    return torch.where(torch.arange(G, device=P.device) < r, below, 0.0).sum(-2)
 
 
 class _Group(NamedTuple):
@@ -581,8 +476,159 @@ class _Group(NamedTuple):
     k_w: torch.Tensor  # (b, L, d_qk) k · key_w
     key_w: torch.Tensor  # (b, L)
     m: torch.Tensor  # (b, L)
+    chunk_Cn: torch.Tensor  # (B·H, G, d_qk·(d_v + 1)) each chunk's own contribution to the state
+    decays: torch.Tensor  # (B·H, G + 1, G + 1) _boundary_decays of the group
     Cn_in: torch.Tensor  # (b, d_qk, d_v + 1) state entering each chunk
     Cn_out: torch.Tensor  # (B, H, d_qk, d_v + 1) state leaving the group
+
+
+class _ChunkwiseCore(torch.autograd.Function):
+    """The d-wide part of the chunkwise form, with a hand-written backward.
+
+    Inputs: q, k (B, H, S, d_qk), v (B, H, S, d_v) (any strides, any float dtype); and per chunk
+    (N chunks of L, S ≤ N·L), in the compute dtype: w = g - m, x, c, m (B, H, N, L), key_w (B, H, N, L),
+    log_carry (B, H, N), Cn0 (B, H, d_qk, d_v + 1), mask_bias (L, L) or (B, 1, N, L, L); eps a float.
+    With q̂ = q/sqrt(d_qk) and v1 = [v | 1] it computes, for position t of chunk j,
+
+        out_t = Σ_s exp(w_t + x_s + mask_bias_ts) (q̂_t·k_s) v1_s  +  exp(w_t + c_t) Cn_jᵀ q̂_t
+        Cn_{j+1} = exp(log_carry_j) Cn_j + Σ_s key_w_s k_s v1_sᵀ,    Cn_0 = Cn0
+        h_t = out_t[:d_v] / (max(|out_t[d_v]|, exp(-m_t)) + eps)
+
+    and returns h (B, H, S, d_v) and the last state Cn_N. (n is the memory of the constant 1 column, so
+    [C | n] evolve as one tensor and one matmul gives numerator and denominator.)
+
+    Why by hand: autograd would keep and re-read a dozen (B, H, S, d)- and (…, L, L)-sized
+    intermediates. Here the chunks are processed in groups whose temporaries live in one reused
+    workspace that stays in cache; the (L, L) matrices and the states inside a group are recomputed in
+    the backward from the group's entry state instead of being stored; and the gate gradients need no
+    (L, L) work at all: d out_t/d w_t = out_t gives dw_t = <dout_t, out_t>, and dx_s = <v1_s, dv1_s>.
+    The recurrence over a group's chunks is solved with one small matmul against the matrix of decays
+    between chunk boundaries (_boundary_decays) instead of a loop of one op per chunk: on a shared
+    machine every op that runs on both cores can stall on the slower one, and the loop was the bulk
+    of the ops.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, x, c, m, key_w, log_carry, Cn0, mask_bias, eps):
+        B, H, S, d_qk = q.shape
+        d_v = v.shape[-1]
+        N, L = w.shape[-2:]
+        ws = _Workspace(q.device, w.dtype)
+        groups = _chunk_groups(N, B * H * L * L * w.element_size())
+        h = torch.empty(B, H, S, d_v, dtype=w.dtype, device=q.device)
+        den = torch.empty_like(w)  # (B, H, N, L) denominators, for the backward
+        Cn_groups = []  # the state entering each group
+        Cn = Cn0
+        for c0, c1 in groups:
+            Cn_groups.append(Cn)
+            g = _ChunkwiseCore._group(ws, q, k, v, w, x, c, m, key_w, log_carry, mask_bias, Cn, c0, c1)
+            Cn = g.Cn_out
+            out = torch.bmm(g.scores, g.v1, out=ws("out", *g.v1.shape))
+            q_inter = torch.mul(g.q, g.inter_w[..., None], out=ws("q_inter", *g.q.shape))
+            out.baddbmm_(q_inter, g.Cn_in)  # + the incoming state
+            den_g = den[:, :, c0:c1]
+            den_g.copy_(out[..., d_v].view(den_g.shape))
+            inv = 1.0 / (torch.maximum(out[..., d_v].abs(), torch.exp(-g.m)) + eps)
+            _scatter(h, out.mul_(inv[..., None]), c0, L)
+        ctx.eps, ctx.groups = eps, groups
+        ctx.save_for_backward(q, k, v, w, x, c, m, key_w, log_carry, mask_bias, torch.stack(Cn_groups, 2), h, den)
+        return h, Cn
+
+    @staticmethod
+    def _group(ws, q, k, v, w, x, c, m, key_w, log_carry, mask_bias, Cn, c0, c1) -> _Group:
+        """Everything the outputs of chunks [c0, c1) need, from the state Cn (B, H, d_qk, d_v + 1) that
+        enters chunk c0. Tensors are (b, L, ·) with b = B·H·(c1 - c0)."""
+        B, H, _, d_qk = q.shape
+        L = w.shape[-1]
+        G = c1 - c0
+        q_g = _gather(ws, "q", q, c0, c1, L).mul_(d_qk**-0.5)
+        k_g = _gather(ws, "k", k, c0, c1, L)
+        v1 = _gather(ws, "v1", v, c0, c1, L, ones=True)
+        w_g, x_g, c_g, m_g, key_w_g = (t[:, :, c0:c1].reshape(-1, L) for t in (w, x, c, m, key_w))
+        b = q_g.shape[0]
+        # Intra-chunk weights exp(w_t + x_s), masked. The mask's -inf goes in before the exponential, which
+        # so never sees the (possibly huge) positive exponents above the diagonal. Computed as exp2 of
+        # log2(e)-scaled exponents: torch.exp is 2x slower than exp2 on ordinary inputs and 5x slower on
+        # -inf (half of every matrix), at least on the AVX2 CPU builds measured here.
+        bias = mask_bias if mask_bias.dim() == 2 else mask_bias[:, :, c0:c1].expand(B, H, G, L, L).reshape(b, L, L)
+        weights = torch.add((w_g * LOG2_E)[:, :, None], (x_g * LOG2_E)[:, None, :], out=ws("weights", b, L, L))
+        weights.add_(bias).exp2_()
+        scores = torch.bmm(q_g, k_g.transpose(1, 2), out=ws("scores", b, L, L)).mul_(weights)
+        inter_w = torch.exp(w_g + c_g)
+        # the chunks' own states, then the recurrence through the group
+        k_w = torch.mul(k_g, key_w_g[..., None], out=ws("k_w", b, L, d_qk))
+        chunk_Cn = torch.bmm(k_w.transpose(1, 2), v1, out=ws("chunk_Cn", b, d_qk, v1.shape[-1]))
+        chunk_Cn = chunk_Cn.view(B * H, G, -1)
+        # states at the chunk boundaries: the entry state and every chunk's contribution, decayed
+        decays = _boundary_decays(log_carry[:, :, c0:c1].reshape(B * H, G))  # (B·H, G + 1, G + 1)
+        entry = Cn.reshape(B * H, -1)
+        Cn_in = torch.bmm(decays[:, :G, 1:], chunk_Cn, out=ws("Cn_in", B * H, G, chunk_Cn.shape[-1]))
+        Cn_in.addcmul_(decays[:, :G, :1], entry[:, None, :])
+        Cn_out = torch.bmm(decays[:, G:, 1:], chunk_Cn)[:, 0].addcmul_(decays[:, G:, 0], entry)
+        return _Group(q_g, k_g, v1, weights, scores, inter_w, k_w, key_w_g, m_g, chunk_Cn, decays,
+                      Cn_in.view(b, d_qk, -1), Cn_out.view(Cn.shape))
+
+    @staticmethod
+    def backward(ctx, dh, dCn_last):
+        q, k, v, w, x, c, m, key_w, log_carry, mask_bias, Cn_groups, h, den = ctx.saved_tensors
+        B, H, S, d_qk = q.shape
+        d_v = v.shape[-1]
+        N, L = w.shape[-2:]
+        ws = _Workspace(q.device, w.dtype)
+        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+        dw, dx, dkey_w, dlog_carry = (torch.empty_like(t) for t in (w, x, key_w, log_carry))
+        dCn = torch.zeros_like(Cn_groups[:, :, 0]) if dCn_last is None else dCn_last.clone()
+        if dh is None:
+            dh = torch.zeros_like(h)
+        # <dh_t, h_t> for all positions at once (a batched dot product, no (B, H, S, d_v) temporary)
+        dh_h = F.pad(torch.einsum("bhsd,bhsd->bhs", dh, h), (0, N * L - S)).view(B, H, N, L)
+        for gi in reversed(range(len(ctx.groups))):
+            c0, c1 = ctx.groups[gi]
+            G = c1 - c0
+            g = _ChunkwiseCore._group(ws, q, k, v, w, x, c, m, key_w, log_carry, mask_bias, Cn_groups[:, :, gi], c0, c1)
+            b = g.q.shape[0]
+            # through the normaliser: h = num·inv, inv = 1/(max(|den|, e^-m) + eps), num = out[:d_v]
+            den_g = den[:, :, c0:c1].reshape(-1, L)
+            floor = torch.exp(-g.m)
+            inv = 1.0 / (torch.maximum(den_g.abs(), floor) + ctx.eps)
+            dh_h_g = dh_h[:, :, c0:c1].reshape(-1, L)  # <dh, h> = <dh, num>·inv
+            dden = torch.where(den_g.abs() >= floor, -dh_h_g * inv * torch.sign(den_g), 0.0)
+            dout = ws("dout", b, L, d_v + 1)  # [dh·inv | dden], filled straight from dh
+            t0, t1 = c0 * L, min(c1 * L, S)
+            dout_rows = dout.view(B, H, G * L, d_v + 1)
+            torch.mul(dh[:, :, t0:t1], inv.view(B, H, G * L, 1)[:, :, : t1 - t0], out=dout_rows[:, :, : t1 - t0, :d_v])
+            dout_rows[:, :, t1 - t0 :, :d_v] = 0.0
+            dout[..., d_v] = dden
+            dw[:, :, c0:c1] = (dh_h_g + dden * den_g).view(B, H, G, L)  # <dout, out>
+            # intra-chunk part
+            dv1 = torch.bmm(g.scores.transpose(1, 2), dout, out=ws("dv1", b, L, d_v + 1))
+            dx[:, :, c0:c1] = torch.mul(g.v1, dv1, out=ws("tmp", b, L, d_v + 1)).sum(-1).view(B, H, G, L)
+            dqk = torch.bmm(dout, g.v1.transpose(1, 2), out=ws("dqk", b, L, L)).mul_(g.weights)  # d(q̂ kᵀ)
+            dq_g = torch.bmm(dqk, g.k, out=ws("dq", b, L, d_qk))
+            dq_g.baddbmm_(dout.mul_(g.inter_w[..., None]), g.Cn_in.transpose(1, 2))  # dout scaled from here on
+            dk_g = torch.bmm(dqk.transpose(1, 2), g.q, out=ws("dk", b, L, d_qk))
+            # incoming states: their gradient from this group's outputs, then the recurrence backwards
+            dCn_in = torch.bmm(g.q.transpose(1, 2), dout, out=ws("dCn_in", b, d_qk, d_v + 1))
+            # back through the boundary states: [Cn_in; Cn_out] = decays @ [entry; chunk_Cn]
+            dCn_in, dCn_out = dCn_in.view(B * H, G, -1), dCn.reshape(B * H, -1)
+            decays = g.decays
+            dchunk = torch.bmm(decays[:, :G, 1:].transpose(1, 2), dCn_in, out=ws("dchunk", B * H, G, dCn_in.shape[-1]))
+            dchunk.addcmul_(decays[:, G, 1:, None], dCn_out[:, None, :])
+            dboundary = torch.cat([dCn_in, dCn_out[:, None]], dim=1)  # (B·H, G + 1, ·)
+            boundary_src = torch.cat([Cn_groups[:, :, gi].reshape(B * H, 1, -1), g.chunk_Cn], dim=1)
+            ddecays = torch.bmm(dboundary, boundary_src.transpose(1, 2))
+            dlog_carry[:, :, c0:c1] = _boundary_decays_backward(decays, ddecays).view(B, H, G)
+            dCn = torch.bmm(decays[:, None, :, 0], dboundary).view(dCn.shape)  # gradient of the entry state
+            # the chunks' own states: chunk_Cn = (k·key_w)ᵀ v1
+            dchunk = dchunk.view(b, d_qk, d_v + 1)
+            dk_w = torch.bmm(g.v1, dchunk.transpose(1, 2), out=ws("dk_w", b, L, d_qk))
+            dv1.baddbmm_(g.k_w, dchunk)
+            dk_g.addcmul_(dk_w, g.key_w[..., None])
+            dkey_w[:, :, c0:c1] = dk_w.mul_(g.k).sum(-1).view(B, H, G, L)
+            _scatter(dq, dq_g.mul_(d_qk**-0.5), c0, L)
+            _scatter(dk, dk_g, c0, L)
+            _scatter(dv, dv1, c0, L)
+        return dq, dk, dv, dw, dx, None, None, dkey_w, dlog_carry, dCn, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -806,7 +852,12 @@ class LocalBlock(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, num_heads: int = 16, ffn_hidden: int | None = None, norm_eps: float = NORM_EPS, **mlstm_kwargs
+        self,
+        d_model: int,
+        num_heads: int = 16,
+        ffn_hidden: int | None = None,
+        norm_eps: float = NORM_EPS,
+        **mlstm_kwargs,
     ):
         super().__init__()
         self.mlstm_norm = nn.RMSNorm(d_model, eps=norm_eps)

@@ -240,4 +240,6 @@ class Stage2Objective(nn.Module):
             result.update({k: torch.tensor(v) for k, v in boundary_metrics(out.boundary_mask, gold, decidable).items()})
             result["bytes"] = mask.sum()
             result["bytes_per_patch"] = mask.sum() / out.boundary_mask.sum().clamp_min(1)
+            # The ratio of the boundary targets (after BPE-style merges, when enabled).
+            result["target_bytes_per_patch"] = mask.sum() / gold.sum().clamp_min(1)
         return result

@@ -51,6 +51,7 @@ class TrainConfig:
     init_from: str | None = None  # stage 2: a stage-1 model folder or checkpoint
     data: list[str] = field(default_factory=list)
     text_field: str = "text"
+    streaming: bool = False  # read the corpus lazily (large corpora) instead of into memory
     output: str = "runs/bytelift"
     window_tokens: int = 256  # reference 4096
     byte_expansion_factor: float = 6.0
@@ -372,13 +373,10 @@ class MergingCollator:
 def _datasets(cfg: TrainConfig, tokenizer: ByteTokenizer, rank: int, world_size: int):
     from bytelift.data import ByteWindowDataset, CharSkillGenerator, load_corpus
 
-    train_corpus, stats = load_corpus(
-        cfg.data, text_field=cfg.text_field, split="train", heldout_fraction=cfg.heldout_fraction
-    )
-    heldout, _ = load_corpus(
-        cfg.data, text_field=cfg.text_field, split="heldout", heldout_fraction=cfg.heldout_fraction
-    ) if cfg.heldout_fraction > 0 else (None, None)
-    if heldout is not None and len(heldout) == 0:
+    read = dict(text_field=cfg.text_field, heldout_fraction=cfg.heldout_fraction, streaming=cfg.streaming)
+    train_corpus, stats = load_corpus(cfg.data, split="train", **read)
+    heldout = load_corpus(cfg.data, split="heldout", **read)[0] if cfg.heldout_fraction > 0 else None
+    if heldout is not None and not cfg.streaming and len(heldout) == 0:
         heldout = None
     chars = CharSkillGenerator() if cfg.char_skill_rate > 0 else None
     common = dict(window_tokens=cfg.window_tokens, byte_expansion_factor=cfg.byte_expansion_factor)
