@@ -51,7 +51,7 @@ class ByteliftConfig(PreTrainedConfig):
     local_ffn_size: int | None = None
     local_norm_eps: float = 1e-6
     local_post_norm_eps: float = 1e-5
-    mlstm_chunk_size: int = 64
+    mlstm_chunk_size: int = 32  # measured fastest on CPU (benchmarks/mlstm.py); the function is the same
     mlstm_gate_soft_cap: float = 15.0
     mlstm_igate_bias_init: float = -10.0
     boundary_threshold: float = 0.5

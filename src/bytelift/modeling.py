@@ -491,7 +491,11 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         global_model = source.base_model
         for module in global_model.modules():  # already trained: post_init must not re-initialise it
             module._is_hf_initialized = True
-        model = cls(config, global_model=global_model)
+        # The local modules' default initialisation draws from the global RNG: fork it so that `seed`
+        # alone decides the whole conversion, and the caller's RNG stream is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(config, global_model=global_model)
         model.attach_tokenizer(byte_tokenizer)
         model.initialize_from_source(token_embeddings, seed=seed)
         return model
