@@ -33,6 +33,8 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/expand.py
 	$(BIN)/python benchmarks/mlstm.py
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
