@@ -49,7 +49,7 @@ import datasets
 import numpy as np
 import torch
 
-from bytelift.tokenization import BOS_ID, PAD_ID, ByteTokenizer
+from bytelift.tokenization import BOS_ID, IGNORE_INDEX, PAD_ID, ByteTokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -73,7 +73,6 @@ __all__ = [
     "mix_documents",
 ]
 
-IGNORE_INDEX = -100  # == bytelift.modeling.IGNORE_INDEX (not imported: data must not pull in the model)
 DEFAULT_WINDOW_TOKENS = 4096  # reference SEQUENCE_LENGTH
 DEFAULT_BYTE_EXPANSION_FACTOR = 6  # reference byte cap = 4096 × 6 = 24,576 bytes
 DEFAULT_HELDOUT_FRACTION = 0.01

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE
+from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # Log-probabilities are kept at most this far below 0 before log(1 - p): p = 1 exactly would give -inf.
 LOG_P_CLIP = -1e-3
 # Reference loss weights and distillation temperature.

@@ -27,12 +27,11 @@ from transformers.modeling_outputs import ModelOutput
 from bytelift.configuration import ByteliftConfig
 from bytelift.generation import ByteliftGenerationMixin
 from bytelift.mlstm import LocalStack, MLSTMLayer
-from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, ByteTokenizer
+from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, IGNORE_INDEX, ByteTokenizer
 
 # log p written where the predictor cannot decide (no lookahead byte, padding): finite so that losses
 # masked with `torch.where` never see inf·0, and far below log(threshold).
 UNDECIDED_LOGPROB = -1e5
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -43,6 +43,7 @@ __all__ = [
     "BYTE_OFFSET",
     "BYTE_VOCAB_SIZE",
     "FUSED_VOCAB_SIZE",
+    "IGNORE_INDEX",
     "SPECIAL_TOKENS",
     "SOURCE_TOKENIZER_SUBFOLDER",
     "fuse",
@@ -73,6 +74,7 @@ NUM_SPECIAL_IDS = 4
 BYTE_OFFSET = 4  # byte b <-> id b + BYTE_OFFSET
 BYTE_VOCAB_SIZE = BYTE_OFFSET + 256  # V_b = 260
 FUSED_VOCAB_SIZE = 2 * BYTE_VOCAB_SIZE  # 520: id k + V_b = "symbol k, and it ends a patch"
+IGNORE_INDEX = -100  # label of positions no loss is computed on (the torch / transformers convention)
 
 #: Token strings of the special ids, in id order.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<filler>")
