@@ -458,7 +458,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics = dict(result.metrics)
     metrics.update({f"corpus_{k}": v for k, v in stats.as_dict().items()})
     if eval_ds is not None:
-        metrics.update(trainer.evaluate())
+        # The trainer may have just evaluated at the last step; evaluate again only if it did not.
+        step = trainer.state.global_step
+        done = [e for e in trainer.state.log_history if e.get("step") == step and "eval_bits_per_byte" in e]
+        metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")} if done else trainer.evaluate())
     metrics["ranks_in_sync"] = ranks_in_sync(trainer._byte_model())
     trainer.save_model(cfg.output)  # the final model sits at the top of the output folder
     if trainer.args.should_save:
