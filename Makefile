@@ -25,10 +25,11 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow tests
 
+# The main job: byteify the packaged SmolLM2 (stage 1, stage 2, evaluation, samples; ~30 min on 2 CPU cores).
+# Running it again continues an interrupted run, or reprints the finished one's report.
+DEMO_OUTPUT ?= runs/smollm2-135m-bytes
 demo: setup
-	$(BIN)/bytelift --help
-	$(BIN)/bytelift info
-	$(BIN)/bytelift tokenize "Byte-level models read every byte: naïve café 🙂"
+	$(BIN)/bytelift convert --output $(DEMO_OUTPUT) --resume
 
 bench: setup
 	$(BIN)/python benchmarks/expand.py

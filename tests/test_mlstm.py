@@ -516,6 +516,69 @@ def test_local_block_and_stack_state_handover():
 
 
 # ------------------------------------------------------------------------------------------------
+# the fused inference path (decoding: one position, no autograd)
+
+
+def _block_step(block, x, state, mask, fused):
+    """One LocalBlock step through the fused inference path (no_grad) or the plain one (autograd on)."""
+    with torch.no_grad() if fused else torch.enable_grad():
+        y, st = block(x, state, mask=mask)
+    return y.detach(), MLSTMState(*(t.detach() for t in st))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_decoding_equals_unfused(dtype):
+    torch.manual_seed(0)
+    block = LocalBlock(64, num_heads=4, ffn_hidden=96, igate_bias_init=0.0).to(dtype)
+    x = torch.randn(3, 1, 64, dtype=dtype)
+    state = MLSTMState(*(torch.randn(*shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                         for shape in ((3, 4, 8, 16), (3, 4, 8), (3, 4))))
+    mask = torch.tensor([[True], [False], [True]])
+    tol = F64_TOL if dtype == torch.float64 else F32_TOL / 10  # float rounding only
+    for m in (mask, None):
+        y0, st0 = _block_step(block, x, state, m, fused=False)
+        y1, st1 = _block_step(block, x, state, m, fused=True)
+        torch.testing.assert_close(y1, y0, rtol=tol, atol=tol)
+        for a, b in zip(st1, st0):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    _, st_masked = _block_step(block, x, state, mask, fused=True)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(st_masked, state))  # a parked row keeps its state
+    with torch.inference_mode():  # the same under inference_mode (the decoding loop's context)
+        y2, _ = block(x, state, mask=mask)
+    torch.testing.assert_close(y2, _block_step(block, x, state, mask, fused=False)[0], rtol=tol, atol=tol)
+
+
+def test_fused_weights_follow_weight_changes():
+    torch.manual_seed(0)
+    block = LocalBlock(32, num_heads=4, ffn_hidden=64, igate_bias_init=0.0)
+    keys = set(block.state_dict())
+    x = torch.randn(2, 1, 32)
+    _block_step(block, x, None, None, fused=True)  # builds the caches
+    assert set(block.state_dict()) == keys  # a cache, not parameters or buffers
+    with torch.no_grad():  # in place: the version counters move
+        block.mlstm.fgate_proj.bias.add_(1.0)
+        block.ffn.up_proj.weight.mul_(2.0)
+    torch.testing.assert_close(_block_step(block, x, None, None, fused=True)[0],
+                               _block_step(block, x, None, None, fused=False)[0])
+    block.mlstm.k_proj.weight = torch.nn.Parameter(torch.randn(16, 32))  # replaced
+    block.load_state_dict({k: v + 0.01 for k, v in block.state_dict().items()})  # loaded (copy_)
+    torch.testing.assert_close(_block_step(block, x, None, None, fused=True)[0],
+                               _block_step(block, x, None, None, fused=False)[0])
+    block.double()  # converted (new storages)
+    y1 = _block_step(block, x.double(), None, None, fused=True)[0]
+    assert y1.dtype == torch.float64
+    torch.testing.assert_close(y1, _block_step(block, x.double(), None, None, fused=False)[0])
+
+
+def test_fused_path_only_without_autograd():
+    """With autograd on (training) the plain projections run, so gradients reach every parameter."""
+    block = LocalBlock(32, num_heads=4, ffn_hidden=64)
+    y, _ = block(torch.randn(2, 1, 32))
+    y.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
 # optional: comparisons with mlstm_kernels (NXAI Community License), only when installed
 
 

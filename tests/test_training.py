@@ -134,6 +134,28 @@ def test_bad_configs(tmp_path):
     assert cfg.adam_beta2 == 0.95
 
 
+def test_wall_clock_schedule_follows_the_budget(monkeypatch):
+    from bytelift.training import TimeBudget, wall_clock_schedule
+
+    budget = TimeBudget(minutes=1.0)
+    factor = wall_clock_schedule(budget, warmup_ratio=0.1)
+    for spent, expected in ((3.0, 0.5), (6.0, 1.0), (33.0, 0.5), (60.0, 0.0), (90.0, 0.0)):
+        monkeypatch.setattr("bytelift.training.time.time", lambda: budget.start + spent)
+        assert factor(0) == pytest.approx(expected, abs=1e-9), spent
+
+
+def test_run_sized_by_time_stops_and_saves(tiny_run, tmp_path):
+    cfg = stage1_config(tiny_run, output=str(tmp_path / "timed"), max_steps=None, max_minutes=0.15,
+                        save_steps=10**6, eval_steps=10**6)
+    metrics = train(cfg)
+    logs = read_log(tmp_path / "timed")
+    assert metrics["train_runtime"] < 0.15 * 60 + 30  # stopped by the clock (one step may run over)
+    assert any(e.get("learning_rate", 0) > 0 for e in logs)
+    assert ByteliftForCausalLM.from_pretrained(tmp_path / "timed") is not None
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_steps=None)
+
+
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_torchrun_two_processes_stay_in_sync(mode, tiny_run, tmp_path):
     import os

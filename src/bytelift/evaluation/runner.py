@@ -1,0 +1,252 @@
+"""`bytelift eval`: every figure for the byteified model and its source, side by side, on the same bytes.
+
+    results = evaluate(byte_model, source_model, EvalConfig(data=["corpus/"]))
+    write_report(results, "report/")          # report.json, report.md, PNG plots
+
+Sections (each optional through its item count):
+- held-out text: bits per byte (see `scoring` for why the joint, not the folded, likelihood is the
+  headline) and their ratio; the predictor's boundary precision/recall/F1 against the source tokenizer and
+  mean bytes per patch vs bytes per token, on the same bytes;
+- LAMBADA: bits per byte of the last word and greedy last-word accuracy;
+- HellaSwag: acc_norm (log-likelihood per byte of each ending);
+- character suite: `basic_skills_string_operations` and CUTE-style tasks, greedy exact match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bytelift.evaluation import tasks as T
+from bytelift.evaluation.scoring import ByteScorer, Scored, SourceScorer, bits_per_byte, first_line_match
+from bytelift.tokenization import BYTE_OFFSET
+
+
+@dataclass
+class EvalConfig:
+    """Item counts and inputs. Defaults finish in about 10 minutes on 2 CPU cores for SmolLM2 + its
+    byteified model (`bytelift eval` prints each section's time)."""
+
+    data: list[str] = field(default_factory=list)  # held-out text: corpus paths (their held-out split)
+    heldout_fraction: float = 0.01  # must match the training run's split
+    text_field: str = "text"
+    heldout_docs: int = 16
+    heldout_bytes: int = 1024  # each held-out document is cut to this many bytes
+    lambada: int = 60
+    hellaswag: int = 30
+    cute_per_task: int = 4  # × 14 tasks
+    cute_shots: int = T.DEFAULT_SHOTS
+    basic_skills: int = 20
+    seed: int = 0
+    batch_positions: int = 8192
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _pair(byte_value: Any, source_value: Any) -> dict[str, Any]:
+    return {"byteified": byte_value, "source": source_value}
+
+
+def source_segmentation(tokenizer, text: str) -> tuple[bytes, np.ndarray] | None:
+    """The bytes the source tokenizer reads for `text` and its token ends there: (bytes, (n,) bool).
+    None when the tokenisation contains special tokens (their bytes are not text)."""
+    ids = tokenizer.source_tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        return None
+    byte_ids, lengths = tokenizer.source_bytes_and_patches(ids)
+    if (byte_ids < BYTE_OFFSET).any():
+        return None
+    ends = np.zeros(len(byte_ids), dtype=bool)
+    ends[np.cumsum(lengths) - 1] = True
+    return bytes((byte_ids - BYTE_OFFSET).astype(np.uint8).tolist()), ends
+
+
+def boundary_agreement(predicted: list[np.ndarray], gold: list[np.ndarray]) -> dict[str, float]:
+    """Precision/recall/F1 of predicted patch ends against source token ends, and bytes per patch/token.
+
+    Each pair of (n,) bool arrays covers one text; its last byte ends both a patch and a token by
+    definition (the predictor cannot decide it), so it is left out of P/R/F1 and counted as one patch and
+    one token."""
+    tp = n_pred = n_gold = 0
+    patches = tokens = n_bytes = 0
+    for p, g in zip(predicted, gold):
+        p, g = p[:-1].astype(bool), g[:-1].astype(bool)
+        tp += int((p & g).sum())
+        n_pred += int(p.sum())
+        n_gold += int(g.sum())
+        patches += int(p.sum()) + 1
+        tokens += int(g.sum()) + 1
+        n_bytes += len(p) + 1
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "precision": precision, "recall": recall, "f1": f1,
+        "bytes_per_patch": n_bytes / max(patches, 1), "bytes_per_token": n_bytes / max(tokens, 1),
+    }
+
+
+def choice_accuracy(scored: list[list[Scored]], gold: list[int]) -> dict[str, float]:
+    """acc (highest log-likelihood) and acc_norm (highest log-likelihood per byte)."""
+    acc = np.mean([int(np.argmax([s.logprob for s in row])) == g for row, g in zip(scored, gold)])
+    norm = np.mean([int(np.argmax([s.logprob / s.n_bytes for s in row])) == g for row, g in zip(scored, gold)])
+    return {"acc": float(acc), "acc_norm": float(norm)}
+
+
+def default_heldout_data(cache: Path | None = None) -> list[str]:
+    """The default corpus (built once into the bytelift cache): what `bytelift convert` trains on."""
+    from bytelift.corpus import build_default_corpus
+    from bytelift.sources import cache_dir
+
+    return [str(build_default_corpus((cache or cache_dir()) / "corpus"))]
+
+
+def evaluate(
+    model,
+    source_model,
+    cfg: EvalConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every section with item count > 0 on both models; returns the results dict of the report."""
+    cfg = cfg or EvalConfig()
+    byte = ByteScorer(model, batch_positions=cfg.batch_positions)
+    source = SourceScorer.for_byte_model(source_model, model, batch_positions=cfg.batch_positions)
+    tok = model.tokenizer
+    results: dict[str, Any] = {"config": cfg.to_dict(), "seconds": {}, "items": {}}
+    sections = [
+        ("heldout", cfg.heldout_docs), ("lambada", cfg.lambada), ("hellaswag", cfg.hellaswag),
+        ("characters", cfg.cute_per_task + cfg.basic_skills),
+    ]
+    bar = tqdm([s for s, n in sections if n > 0], desc="evaluating", unit="section")
+    for name in bar:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        results[name] = globals()[f"_eval_{name}"](byte, source, tok, cfg, results["items"])
+        results["seconds"][name] = round(time.perf_counter() - start, 1)
+        log(f"{name}: {summary_line(name, results[name])} ({results['seconds'][name]} s)")
+    return results
+
+
+def _eval_heldout(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict) -> dict[str, Any]:
+    data = cfg.data or default_heldout_data()
+    texts = T.heldout_texts(data, cfg.heldout_docs, cfg.heldout_bytes, cfg.heldout_fraction, cfg.text_field)
+    if not texts:
+        raise ValueError(f"no held-out documents in {data} (held-out fraction {cfg.heldout_fraction})")
+    segmented = [s for s in (source_segmentation(tok, t) for t in texts) if s is not None]
+    pairs = [(b"", data) for data, _ in segmented]
+    items["heldout"] = len(pairs)
+    b, s = byte.score(pairs), source.score(pairs)
+    bpb_b, bpb_s = bits_per_byte(b), bits_per_byte(s)
+    return {
+        "bits_per_byte": _pair(bpb_b, bpb_s),
+        "bits_per_byte_folded": _pair(bits_per_byte(b, folded=True), bpb_s),
+        "bits_per_byte_ratio": bpb_b / bpb_s if bpb_s else float("nan"),
+        "bytes": sum(x.n_bytes for x in b),
+        "boundaries": boundary_agreement([x.boundaries for x in b], [ends for _, ends in segmented]),
+    }
+
+
+def _eval_lambada(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict) -> dict[str, Any]:
+    pairs = T.lambada_items(cfg.lambada)
+    items["lambada"] = len(pairs)
+    b, s = byte.score(pairs), source.score(pairs)
+    return {
+        "bits_per_byte": _pair(bits_per_byte(b), bits_per_byte(s)),
+        "accuracy": _pair(float(np.mean([x.greedy for x in b])), float(np.mean([x.greedy for x in s]))),
+    }
+
+
+def _eval_hellaswag(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict) -> dict[str, Any]:
+    docs = T.hellaswag_items(cfg.hellaswag)
+    items["hellaswag"] = len(docs)
+    pairs = [(d.context, c) for d in docs for c in d.choices]
+    out = {}
+    for name, scorer in (("byteified", byte), ("source", source)):
+        flat = scorer.score(pairs)
+        rows, k = [], 0
+        for d in docs:
+            rows.append(flat[k : k + len(d.choices)])
+            k += len(d.choices)
+        out[name] = choice_accuracy(rows, [d.gold for d in docs])
+    return {"acc_norm": _pair(out["byteified"]["acc_norm"], out["source"]["acc_norm"]),
+            "acc": _pair(out["byteified"]["acc"], out["source"]["acc"])}
+
+
+def _eval_characters(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict) -> dict[str, Any]:
+    suite = []
+    if cfg.cute_per_task > 0:
+        suite += T.cute_items(cfg.cute_per_task, shots=cfg.cute_shots, seed=cfg.seed)
+    if cfg.basic_skills > 0:
+        suite += T.basic_skills_items(cfg.basic_skills)
+    items["characters"] = len(suite)
+    prompts = [it.prompt for it in suite]
+    # " answer" then a newline: enough bytes to see that the answer line is complete.
+    budget = [len(it.answer.encode()) + 2 for it in suite]
+    correct: dict[str, dict[str, list[bool]]] = {}
+    examples: dict[str, list] = {}
+    for name, scorer in (("byteified", byte), ("source", source)):
+        outputs = scorer.generate(prompts, budget)
+        for it, (text, stopped) in zip(suite, outputs):
+            correct.setdefault(it.task, {}).setdefault(name, []).append(first_line_match(text, it.answer, stopped))
+            if len(examples.setdefault(f"{it.task}/{name}", [])) < 2:
+                examples[f"{it.task}/{name}"].append({"prompt_tail": it.prompt[-80:], "answer": it.answer,
+                                                      "output": text.partition("\n")[0]})
+    per_task = {t: {m: float(np.mean(v)) for m, v in d.items()} for t, d in correct.items()}
+    mean = {m: float(np.mean([per_task[t][m] for t in per_task])) for m in ("byteified", "source")}
+    return {"tasks": per_task, "mean": mean, "examples": examples}
+
+
+def summary_line(section: str, r: dict[str, Any]) -> str:
+    """One line per section for the console."""
+    if section == "heldout":
+        bnd = r["boundaries"]
+        return (f"bits/byte {r['bits_per_byte']['byteified']:.3f} vs source {r['bits_per_byte']['source']:.3f} "
+                f"(ratio {r['bits_per_byte_ratio']:.3f}); boundary F1 {bnd['f1']:.3f}, "
+                f"{bnd['bytes_per_patch']:.2f} bytes/patch vs {bnd['bytes_per_token']:.2f} bytes/token")
+    if section == "lambada":
+        return (f"accuracy {r['accuracy']['byteified']:.3f} vs {r['accuracy']['source']:.3f}, bits/byte "
+                f"{r['bits_per_byte']['byteified']:.3f} vs {r['bits_per_byte']['source']:.3f}")
+    if section == "hellaswag":
+        return f"acc_norm {r['acc_norm']['byteified']:.3f} vs {r['acc_norm']['source']:.3f}"
+    return f"exact match (mean over tasks) {r['mean']['byteified']:.3f} vs {r['mean']['source']:.3f}"
+
+
+def load_pair(model_path: str, source: str | None = None, device: str | None = None):
+    """The byteified model folder and its source (given, or the one recorded in the model's config)."""
+    from bytelift.modeling import ByteliftForCausalLM, check_model_folder
+    from bytelift.sources import load_source
+
+    check_model_folder(model_path)
+    model = ByteliftForCausalLM.from_pretrained(model_path)
+    name = source or model.config.source_name_or_path
+    if not name:
+        raise ValueError(f"{model_path} does not record its source model: pass --source")
+    source_model, _ = load_source(name)
+    if device:
+        model.to(device)
+        source_model.to(device)
+    return model.eval(), source_model.eval(), name
+
+
+def training_logs(model_path: str | Path) -> dict[str, Path]:
+    """The training logs next to a model: `log.jsonl` in the folder and in its `stage*/` subfolders."""
+    root = Path(model_path)
+    found = {}
+    for path in [root / "log.jsonl", *sorted(root.glob("stage*/log.jsonl"))]:
+        if path.is_file():
+            found[path.parent.name if path.parent != root else "training"] = path
+    return found
+
+
+def torch_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

@@ -1,0 +1,233 @@
+"""Scoring and greedy generation with one interface for the byteified model and its source.
+
+Every evaluation figure comes from two primitives applied to both models on the same strings:
+- `score(pairs)`: the log-likelihood of each continuation given its context, with the number of bytes it
+  covers and whether greedy decoding would have produced it;
+- `generate(prompts, max_new_bytes)`: greedy continuations, for exact-match tasks.
+
+How the two models' likelihoods are made comparable. The source scores one segmentation of the text (its
+canonical tokenisation): log p(x, tokens) ≤ log p(x). The byte model likewise scores the pair (bytes,
+patches) with the patches its predictor chooses: at byte t the head predicts the fused symbol (x_{t+1},
+M_{t+1}), so log p(x, M) = Σ_t log p_head(x_{t+1}, M_{t+1} | x_≤t, M_≤t) ≤ log p(x). Both are proper
+likelihoods and lower bounds of the marginal, so their bits per byte compare fairly.
+The reference instead *folds* the flag at every byte (p(x_{t+1}) = p(plain) + p(fused)) while the
+decoder's context at t already holds M_t, which the non-causal predictor derived from x_{t+1}: that
+conditions each byte on one bit of its own future (spec §3.3, "not an exact marginal") and flatters the
+figure. We report the folded figure too (`logprob_folded`), but the headline is the joint. The last
+byte's flag is never read by a later byte, so there folding is exact and we fold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bytelift.modeling import ByteliftForCausalLM
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID
+
+# Sequences are grouped into batches of at most this many positions (batch × longest row), which bounds
+# activation memory (the byte model's (B, L, 520) logits dominate) while keeping matmuls large.
+DEFAULT_BATCH_POSITIONS = 8192
+# Contexts are cut from the left to fit this many bytes (long LAMBADA/held-out texts; both models see
+# the same bytes).
+DEFAULT_MAX_BYTES = 4096
+
+
+@dataclass
+class Scored:
+    """The continuation's log-likelihood (nats) under the model, and its size."""
+
+    logprob: float  # joint (with the model's own segmentation; see the module docstring)
+    logprob_folded: float  # byte model: the reference's folded figure; source: equal to logprob
+    n_bytes: int
+    greedy: bool  # every unit of the continuation was the model's argmax
+    # byte model: (n_bytes,) bool, continuation byte t ends a predicted patch (the last byte: undecided, False)
+    boundaries: np.ndarray | None = None
+
+
+def _batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices grouped (longest first) so that len(group) × longest ≤ budget (at least one per group)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _as_bytes(text: str | bytes) -> bytes:
+    return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+
+
+def _clipped(pairs: Sequence[tuple[str | bytes, str | bytes]], max_bytes: int) -> list[tuple[bytes, bytes]]:
+    """(context, continuation) as bytes, the context cut from the left so that both fit in max_bytes."""
+    out = []
+    for ctx, cont in pairs:
+        ctx, cont = _as_bytes(ctx), _as_bytes(cont)
+        if not cont:
+            raise ValueError("an empty continuation has no likelihood to score")
+        out.append((ctx[max(0, len(ctx) + len(cont) - max_bytes):], cont))
+    return out
+
+
+def first_line_match(generated: str, answer: str, stopped: bool) -> bool:
+    """Greedy exact match: the first generated line, stripped, equals the answer, and the line is known to
+    be complete (a newline followed, or generation stopped at end of sequence)."""
+    line, newline, _ = generated.partition("\n")
+    return line.strip() == answer.strip() and (bool(newline) or stopped)
+
+
+class ByteScorer:
+    """`score` / `generate` for a ByteliftForCausalLM (its attached tokenizer does the byte ids)."""
+
+    name = "byteified"
+
+    def __init__(self, model: ByteliftForCausalLM, batch_positions: int = DEFAULT_BATCH_POSITIONS,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        if model.tokenizer is None:
+            raise ValueError("the byte model has no tokenizer attached (load it with from_pretrained)")
+        self.model, self.tokenizer = model.eval(), model.tokenizer
+        self.batch_positions, self.max_bytes = batch_positions, max_bytes
+        self.device = next(model.parameters()).device
+
+    def _encode(self, texts: Sequence[bytes]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "expanded_ids")}
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[tuple[str | bytes, str | bytes]]) -> list[Scored]:
+        """Log-likelihood of each continuation given its context (bos + context + continuation)."""
+        items = [(ctx + cont, len(cont)) for ctx, cont in _clipped(pairs, self.max_bytes)]
+        results: list[Scored | None] = [None] * len(items)
+        for group in _batches([len(t) + 1 for t, _ in items], self.batch_positions):
+            batch = self._encode([items[i][0] for i in group])
+            out = self.model(**batch)
+            ids = batch["input_ids"]  # (b, L), left-padded: every text ends at position L-1
+            logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # (b, L-1, 520): predicts ids[:, 1:]
+            nxt = ids[:, 1:]
+            flag = out.boundary_mask[:, 1:].long()
+            plain = logp.gather(-1, nxt[..., None])[..., 0]
+            fused = logp.gather(-1, (nxt + BYTE_VOCAB_SIZE)[..., None])[..., 0]
+            folded = torch.logaddexp(plain, fused)  # (b, L-1)
+            joint = torch.where(flag.bool(), fused, plain)
+            joint[:, -1] = folded[:, -1]  # the last byte's flag is undecidable and never read: fold it
+            # The byte the model would pick: argmax of the folded 256 byte probabilities.
+            byte_logp = torch.logaddexp(logp[..., BYTE_OFFSET:BYTE_VOCAB_SIZE], logp[..., BYTE_VOCAB_SIZE + BYTE_OFFSET:])
+            hit = (byte_logp.argmax(-1) + BYTE_OFFSET) == nxt
+            predicted = out.boundary_mask.cpu().numpy()
+            for row, i in enumerate(group):
+                n = items[i][1]
+                results[i] = Scored(
+                    logprob=float(joint[row, -n:].sum()), logprob_folded=float(folded[row, -n:].sum()),
+                    n_bytes=n, greedy=bool(hit[row, -n:].all()), boundaries=predicted[row, -n:].copy(),
+                )
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_bytes: Sequence[int]) -> list[tuple[str, bool]]:
+        """Greedy continuations (stopping at a newline); returns (text, stopped_by_eos) per prompt."""
+        out: list[tuple[str, bool] | None] = [None] * len(prompts)
+        lengths = [len(_as_bytes(p)) + m for p, m in zip(prompts, max_new_bytes)]
+        for group in _batches(lengths, self.batch_positions):
+            batch = self._encode([_as_bytes(prompts[i])[-self.max_bytes:] for i in group])
+            res = self.model.generate(
+                **batch, max_new_bytes=max(max_new_bytes[i] for i in group), stop_strings=["\n"], return_dict=True,
+            )
+            for row, i in enumerate(group):
+                n = int(res.num_new_bytes[row])
+                ids = res.new_ids[row, :n]
+                out[i] = (self.tokenizer.decode(ids.tolist(), skip_special_tokens=True), bool((ids == EOS_ID).any()))
+        return out  # type: ignore[return-value]
+
+
+class SourceScorer:
+    """`score` / `generate` for the source causal LM and its tokenizer.
+
+    Sequences start with the token the byte model's bos maps to (what the stage-1 teacher saw); context and
+    continuation are tokenised separately (context tokens, then continuation tokens), as evaluation
+    harnesses do, so a continuation's tokens are exactly its own bytes."""
+
+    name = "source"
+
+    def __init__(self, model, tokenizer, start_id: int | None, batch_positions: int = DEFAULT_BATCH_POSITIONS,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.start = [] if start_id is None else [int(start_id)]
+        self.batch_positions, self.max_bytes = batch_positions, max_bytes
+        self.device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = 0 if pad is None else int(pad)
+
+    @classmethod
+    def for_byte_model(cls, source_model, byte_model: ByteliftForCausalLM, **kwargs) -> SourceScorer:
+        tok = byte_model.tokenizer
+        return cls(source_model, tok.source_tokenizer, tok.special_to_source.get(BOS_ID), **kwargs)
+
+    def _ids(self, text: bytes) -> list[int]:
+        return self.tokenizer.encode(text.decode("utf-8", "replace"), add_special_tokens=False) if text else []
+
+    def _padded(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.long)
+        for k, r in enumerate(rows):
+            sl = slice(L - len(r), L) if left else slice(0, len(r))
+            ids[k, sl] = torch.tensor(r, dtype=torch.long)
+            mask[k, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[tuple[str | bytes, str | bytes]]) -> list[Scored]:
+        items = []
+        for ctx, cont in _clipped(pairs, self.max_bytes):
+            c = self._ids(cont)
+            items.append((self.start + self._ids(ctx) + c, len(c), len(cont)))
+        results: list[Scored | None] = [None] * len(items)
+        for group in _batches([len(t) for t, _, _ in items], self.batch_positions):
+            ids, mask = self._padded([items[i][0] for i in group], left=False)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            tgt = ids[:, 1:]
+            lp = logp.gather(-1, tgt[..., None])[..., 0]
+            hit = logp.argmax(-1) == tgt
+            for row, i in enumerate(group):
+                tokens, n_tok, n_bytes = items[i]
+                span = slice(len(tokens) - 1 - n_tok, len(tokens) - 1)
+                value = float(lp[row, span].sum())
+                results[i] = Scored(value, value, n_bytes, bool(hit[row, span].all()))
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_bytes: Sequence[int]) -> list[tuple[str, bool]]:
+        """Greedy continuations, at most as many tokens as bytes asked for (a token holds ≥ 1 byte),
+        cut at the first newline; (text, stopped_by_eos) per prompt."""
+        encoded = [self.start + self._ids(_as_bytes(p)[-self.max_bytes:]) for p in prompts]
+        out: list[tuple[str, bool] | None] = [None] * len(prompts)
+        eos = self.tokenizer.eos_token_id
+        for group in _batches([len(e) + m for e, m in zip(encoded, max_new_bytes)], self.batch_positions):
+            ids, mask = self._padded([encoded[i] for i in group], left=True)
+            gen = self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(max_new_bytes[i] for i in group),
+                pad_token_id=self.pad_id, eos_token_id=eos, stop_strings=["\n"], tokenizer=self.tokenizer,
+            )
+            for row, i in enumerate(group):
+                new = gen[row, ids.shape[1]:].tolist()
+                stopped = eos is not None and eos in new
+                if stopped:
+                    new = new[: new.index(eos)]
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                out[i] = (text, stopped)
+        return out  # type: ignore[return-value]
+
+
+def bits_per_byte(scored: Sequence[Scored], folded: bool = False) -> float:
+    """−Σ log2 p / Σ bytes over the scored continuations."""
+    n = sum(s.n_bytes for s in scored)
+    total = sum(s.logprob_folded if folded else s.logprob for s in scored)
+    return -total / math.log(2) / max(n, 1)

@@ -1,0 +1,111 @@
+"""`bytelift convert` end to end on a tiny random source and a tiny corpus; the real default run is slow."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from bytelift.cli import main
+from bytelift.convert import STATE_FILE, ConvertConfig, convert
+from bytelift.evaluation.runner import EvalConfig
+from tests.tiny_models import tiny_source
+
+WORDS = "the quick brown fox jumps over lazy dog and cat while birds sing in trees near river bank".split()
+TINY_EVAL = EvalConfig(heldout_docs=3, lambada=2, hellaswag=2, cute_per_task=1, basic_skills=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory, bytelevel_tokenizer):
+    root = tmp_path_factory.mktemp("convert")
+    source = tiny_source("qwen2", bytelevel_tokenizer, context=1024)
+    source.save_pretrained(root / "source")
+    bytelevel_tokenizer.save_pretrained(root / "source")
+    rng = random.Random(0)
+    with open(root / "corpus.jsonl", "w") as f:
+        for _ in range(80):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(40))}) + "\n")
+    cfg = ConvertConfig(
+        source=str(root / "source"), data=[str(root / "corpus.jsonl")], output=str(root / "out"),
+        stage1_steps=6, stage2_steps=4, window_tokens=32, heldout_fraction=0.1, eval=TINY_EVAL,
+        model={"local_heads": 4}, samples=("Hello", "The"), sample_bytes=8,
+    )
+    lines: list[str] = []
+    result = convert(cfg, log=lines.append)
+    return root, cfg, result, lines
+
+
+def test_convert_end_to_end(tiny_job):
+    root, cfg, result, lines = tiny_job
+    out = root / "out"
+    model = AutoModelForCausalLM.from_pretrained(out)  # the final model loads with the Auto class
+    assert type(model).__name__ == "ByteliftForCausalLM"
+    assert model.tokenizer is not None
+    state = json.loads((out / STATE_FILE).read_text())
+    assert set(state["done"]) == {"corpus", "stage1", "stage2", "final", "eval", "samples"}
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["items"]["lambada"] == 2 and "bits_per_byte_ratio" in report["heldout"]
+    assert (out / "report" / "report.md").read_text().startswith("# bytelift evaluation")
+    assert (out / "report" / "training_curves.png").is_file()  # stage1/ and stage2/ logs were found
+    assert "**'Hello'**" in (out / "samples.md").read_text()
+    assert any("| HellaSwag acc_norm |" in line for line in lines)
+    # Stage 2 started from stage 1's weights, not from a fresh conversion.
+    s2 = json.loads((out / "stage2" / "bytelift_train_config.json").read_text())
+    assert s2["init_from"] == str(out / "stage1") and s2["stage"] == 2
+
+
+def test_convert_refuses_to_overwrite_and_resumes(tiny_job):
+    root, cfg, result, _ = tiny_job
+    with pytest.raises(FileExistsError, match="--resume"):
+        convert(cfg, log=lambda s: None)
+    before = (root / "out" / "model.safetensors").stat().st_mtime_ns
+    lines: list[str] = []
+    again = convert(ConvertConfig(**{**cfg.__dict__, "resume": True}), log=lines.append)
+    assert (root / "out" / "model.safetensors").stat().st_mtime_ns == before  # nothing retrained
+    assert not any(line.startswith("stage 1") for line in lines)
+    assert again["report"]["heldout"] == result["report"]["heldout"]
+
+
+def test_convert_resumes_an_interrupted_stage(tiny_job, tmp_path):
+    """A run whose stage 2 never finished: --resume keeps stage 1 and only trains stage 2."""
+    root, cfg, _, _ = tiny_job
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    state = json.loads((out / STATE_FILE).read_text())
+    for step in ("stage2", "final", "eval", "samples"):
+        state["done"].pop(step)
+    (out / STATE_FILE).write_text(json.dumps(state))
+    stage1_weights = (out / "stage1" / "model.safetensors").read_bytes()
+    lines: list[str] = []
+    convert(ConvertConfig(**{**cfg.__dict__, "output": str(out), "resume": True}), log=lines.append)
+    assert (out / "stage1" / "model.safetensors").read_bytes() == stage1_weights
+    assert any(line.startswith("stage 2") for line in lines)
+    assert not any(line.startswith("stage 1") for line in lines)
+
+
+def test_cli_eval_and_show(tiny_job, tmp_path, capsys):
+    root, cfg, _, _ = tiny_job
+    out = root / "out"
+    rc = main(["eval", str(out), "--source", cfg.source, "--report", str(tmp_path / "r"), "--data", cfg.data[0],
+               "--heldout-fraction", "0.1", "--heldout-docs", "2", "--lambada", "1", "--hellaswag", "1",
+               "--cute-per-task", "0", "--basic-skills", "1"])
+    assert rc == 0
+    assert (tmp_path / "r" / "report.md").is_file()
+    assert "| LAMBADA greedy last-word accuracy |" in capsys.readouterr().out
+    rc = main(["show", str(out), "the quick brown fox", "--no-color", "--html", str(tmp_path / "v.html")])
+    assert rc == 0 and "<html" in (tmp_path / "v.html").read_text().lower()
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.slow
+def test_default_convert_on_smollm2(tmp_path):
+    """The real main job with its defaults (30 minutes on 2 CPU cores)."""
+    result = convert(ConvertConfig(output=str(tmp_path / "smollm2")))
+    assert result["minutes"] <= 32
+    report = result["report"]
+    assert report["heldout"]["boundaries"]["f1"] > 0.8
+    assert report["heldout"]["bits_per_byte_ratio"] < 2.0

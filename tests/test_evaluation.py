@@ -1,0 +1,210 @@
+"""Evaluation: scoring against closed-form values, boundary and choice metrics, task items, reports."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bytelift.corpus import EVALUATED_TASKS, PROSE_TASKS, prose_passages, stdlib_sources
+from bytelift.evaluation import tasks as T
+from bytelift.evaluation.report import markdown, write_report
+from bytelift.evaluation.runner import (
+    EvalConfig,
+    boundary_agreement,
+    choice_accuracy,
+    evaluate,
+    source_segmentation,
+)
+from bytelift.evaluation.scoring import ByteScorer, Scored, SourceScorer, bits_per_byte, first_line_match
+from bytelift.modeling import ByteliftForCausalLM
+from bytelift.tokenization import BYTE_VOCAB_SIZE
+from tests.tiny_models import tiny_source
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pair(bytelevel_tokenizer):
+    source = tiny_source("llama", bytelevel_tokenizer, context=2048)
+    model = ByteliftForCausalLM.from_source(copy.deepcopy(source), bytelevel_tokenizer, local_heads=4).eval()
+    return model, source
+
+
+# --- scoring against closed-form values ------------------------------------------------------------------
+
+
+def test_byte_bits_per_byte_of_uniform_head(pair):
+    model, _ = pair
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # logits 0: uniform over the 2·V_b fused outputs
+    texts = ["hello world", "a", "héllo ☃"]
+    scored = ByteScorer(model).score([("", t) for t in texts])
+    for t, s in zip(texts, scored):
+        n = len(t.encode())
+        # Joint: every byte but the last pays log(2·V_b); the last is folded (plain + fused): log(V_b).
+        expected = -((n - 1) * math.log(2 * BYTE_VOCAB_SIZE) + math.log(BYTE_VOCAB_SIZE))
+        assert s.n_bytes == n
+        assert s.logprob == pytest.approx(expected, rel=1e-5)
+        assert s.logprob_folded == pytest.approx(-n * math.log(BYTE_VOCAB_SIZE), rel=1e-5)
+        assert s.boundaries.shape == (n,)
+    bpb = bits_per_byte(scored)
+    total = sum(len(t.encode()) for t in texts)
+    assert bpb == pytest.approx(-sum(s.logprob for s in scored) / math.log(2) / total)
+
+
+def test_byte_score_of_continuation_only_counts_its_bytes(pair):
+    model, _ = pair
+    scorer = ByteScorer(model)
+    whole = scorer.score([("", "The cat sat")])[0]
+    split = scorer.score([("The cat", " sat")])[0]
+    assert split.n_bytes == 4
+    assert split.logprob > whole.logprob  # fewer bytes scored, each with log-prob < 0
+    # Batching does not change a row's score (left padding is masked).
+    batched = scorer.score([("The cat", " sat"), ("A much longer context than the other one", " x")])[0]
+    assert batched.logprob == pytest.approx(split.logprob, abs=1e-3)
+
+
+def test_source_bits_per_byte_of_uniform_head(pair, bytelevel_tokenizer):
+    model, source = pair
+    source = copy.deepcopy(source)
+    with torch.no_grad():
+        source.lm_head.weight.zero_()
+    V = source.config.vocab_size
+    scorer = SourceScorer.for_byte_model(source, model)
+    text = "the quick brown fox"
+    s = scorer.score([("", text)])[0]
+    n_tok = len(bytelevel_tokenizer.encode(text, add_special_tokens=False))
+    assert s.n_bytes == len(text)
+    assert s.logprob == pytest.approx(-n_tok * math.log(V), rel=1e-5)
+    ctx = scorer.score([("the quick", " brown fox")])[0]
+    assert ctx.n_bytes == len(" brown fox")
+
+
+def test_greedy_flags_follow_the_argmax(pair):
+    model, source = pair
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # the head always prefers byte 'a' (plain): greedy on "aaa", not on "aab"
+        model.lm_head.weight.zero_()
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(2 * BYTE_VOCAB_SIZE))
+        model.lm_head.bias[ord("a") + 4] = 5.0
+    s = ByteScorer(model).score([("x", "aaa"), ("x", "aab")])
+    assert s[0].greedy and not s[1].greedy
+
+
+def test_first_line_match():
+    assert first_line_match(" dog\nmore", "dog", stopped=False)
+    assert first_line_match(" dog", "dog", stopped=True)
+    assert not first_line_match(" dog", "dog", stopped=False)  # the line may go on
+    assert not first_line_match(" dogs\n", "dog", stopped=False)
+    assert not first_line_match("\ndog\n", "dog", stopped=False)
+
+
+# --- metrics ----------------------------------------------------------------------------------------------
+
+
+def test_boundary_agreement_hand_values():
+    pred = [np.array([1, 0, 1, 1, 0, 0], bool), np.array([0, 1, 1], bool)]
+    gold = [np.array([1, 0, 0, 1, 0, 1], bool), np.array([0, 1, 0], bool)]
+    # Decidable: first 5 and first 2 positions. pred ends {0,2,3} + {1}; gold ends {0,3} + {1}; tp = 3.
+    r = boundary_agreement(pred, gold)
+    assert r["precision"] == pytest.approx(3 / 4)
+    assert r["recall"] == pytest.approx(3 / 3)
+    assert r["f1"] == pytest.approx(2 * 0.75 / 1.75)
+    assert r["bytes_per_patch"] == pytest.approx(9 / (4 + 2))  # + the last byte of each text
+    assert r["bytes_per_token"] == pytest.approx(9 / (3 + 2))
+
+
+def test_choice_accuracy_hand_values():
+    def s(lp, n):
+        return Scored(lp, lp, n, False)
+
+    rows = [[s(-4.0, 2), s(-5.0, 10)], [s(-1.0, 1), s(-3.0, 30)]]
+    r = choice_accuracy(rows, gold=[1, 0])
+    assert r["acc"] == pytest.approx(0.5)  # row 0 picks 0 (wrong), row 1 picks 0 (right)
+    assert r["acc_norm"] == pytest.approx(0.5)  # per byte: row 0 picks 1 (right), row 1 picks 1 (wrong)
+
+
+def test_source_segmentation_matches_tokenizer(pair, bytelevel_tokenizer):
+    model, _ = pair
+    text = "hello there, general kenobi"
+    data, ends = source_segmentation(model.tokenizer, text)
+    assert data == text.encode()
+    pieces = [bytelevel_tokenizer.decode([i]) for i in bytelevel_tokenizer.encode(text, add_special_tokens=False)]
+    assert np.flatnonzero(ends).tolist() == (np.cumsum([len(p.encode()) for p in pieces]) - 1).tolist()
+
+
+# --- task items -------------------------------------------------------------------------------------------
+
+
+def test_cute_items_deterministic_answerable_and_unseen():
+    from bytelift.data import CharSkillGenerator
+
+    a, b = T.cute_items(3, seed=0), T.cute_items(3, seed=0)
+    assert a == b and a != T.cute_items(3, seed=1)
+    assert {it.task for it in a} == set(CharSkillGenerator.TASKS)
+    train_words = set(CharSkillGenerator().training_words())
+    for it in a:
+        assert it.prompt.count("\n\n") == T.DEFAULT_SHOTS
+        quoted = it.prompt.split("'")[1::2]
+        assert not any(w in train_words for q in quoted for w in q.split()), it.prompt
+        question = it.prompt.split("\n\n")[-1]
+        word = question.split("'")[1] if "'" in question else None
+        if it.task == "unspell":
+            assert it.answer == question.removeprefix("Which word is spelled ").removesuffix("?").replace(" ", "")
+        if it.task == "spell":
+            assert it.answer == " ".join(word)
+        if it.task == "reverse":
+            assert it.answer == word[::-1]
+        if it.task == "contains_char":
+            letter = question.split("'")[3]
+            assert it.answer == ("yes" if letter in word else "no")
+
+
+def test_benchmark_items_load():
+    lam = T.lambada_items(5)
+    assert len(lam) == 5 and all(c.startswith(" ") and ctx for ctx, c in lam)
+    hs = T.hellaswag_items(4)
+    assert len(hs) == 4 and all(len(h.choices) == 4 and 0 <= h.gold < 4 for h in hs)
+    bs = T.basic_skills_items(3)
+    assert len(bs) == 3 and all(b.answer and b.prompt.count("\n\n") == 5 for b in bs)
+
+
+def test_default_corpus_excludes_evaluated_tasks():
+    assert not {t for t, _ in PROSE_TASKS} & set(EVALUATED_TASKS)
+    first = [p for _, p in zip(range(50), prose_passages())]
+    assert len(first) == 50 and len(set(first)) == 50
+    code = list(stdlib_sources(max_bytes=50_000))
+    assert code and all("def " in c or "import" in c or "class " in c for c in code)
+
+
+# --- the whole evaluation and its report ---------------------------------------------------------------------
+
+
+def test_evaluate_and_report(pair, tmp_path):
+    model, source = pair
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps."}) + "\n" for i in range(60)))
+    cfg = EvalConfig(data=[str(corpus)], heldout_fraction=0.3, heldout_docs=3, lambada=2, hellaswag=2,
+                     cute_per_task=1, basic_skills=1)
+    r = evaluate(model, source, cfg, log=lambda s: None)
+    assert r["items"] == {"heldout": 3, "lambada": 2, "hellaswag": 2, "characters": 15}
+    assert r["heldout"]["bits_per_byte"]["byteified"] > 0
+    assert 0 <= r["heldout"]["boundaries"]["f1"] <= 1
+    assert len(r["characters"]["tasks"]) == 15  # 14 CUTE-style tasks + string_operations
+    log = tmp_path / "stage1" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps({"step": i, "loss": 10 - i, "boundary_f1": i / 10}) + "\n" for i in range(5)))
+    written = write_report(r, tmp_path / "report", {"stage1": log})
+    saved = json.loads(written["json"].read_text())
+    assert saved["heldout"]["bits_per_byte"] == r["heldout"]["bits_per_byte"]
+    md = written["markdown"].read_text()
+    assert "| HellaSwag acc_norm |" in md and "| held-out bits/byte" in md
+    for key in ("tasks_plot", "curves_plot"):
+        assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown(r) == md
