@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument("--boundaries", choices=["fixed", "calibrated"], default="fixed",
                         help="fixed: a new patch every round(N) bytes; calibrated: biased head decisions "
                              "(varied patch lengths) and all three batching policies")
+    parser.add_argument("--bytes-per-patch", type=int, default=None,
+                        help="fixed mode: close a patch every this many bytes instead of round(N) (what a "
+                             "stage-2 model trained with BPE-style merges reaches; finds the break-even point)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +145,8 @@ def main() -> None:
     bpt = n_bytes / n_tokens
     new_bytes = round(args.new_tokens * bpt)
     if args.boundaries == "fixed":
-        cap, bias = round(bpt), NEVER  # the head never closes a patch; the cap closes every round(N) bytes
+        # The head never closes a patch; the cap closes one every round(N) (or --bytes-per-patch) bytes.
+        cap, bias = args.bytes_per_patch or round(bpt), NEVER
     else:
         cap, bias = PATCH_CAP_FACTOR * round(bpt), calibrate_bias(model, texts, bpt)
     print(f"threads {torch.get_num_threads()} | source bytes/token {bpt:.2f} | {args.new_tokens} new tokens "
