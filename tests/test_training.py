@@ -135,13 +135,17 @@ def test_bad_configs(tmp_path):
 
 
 def test_wall_clock_schedule_follows_the_budget(monkeypatch):
+    from transformers import TrainerControl
+
     from bytelift.training import TimeBudget, wall_clock_schedule
 
     budget = TimeBudget(minutes=1.0)
     factor = wall_clock_schedule(budget, warmup_ratio=0.1)
     for spent, expected in ((3.0, 0.5), (6.0, 1.0), (33.0, 0.5), (60.0, 0.0), (90.0, 0.0)):
         monkeypatch.setattr("bytelift.training.time.time", lambda: budget.start + spent)
+        budget.on_step_end(None, None, TrainerControl())
         assert factor(0) == pytest.approx(expected, abs=1e-9), spent
+        assert budget.elapsed == pytest.approx(spent)
 
 
 def test_run_sized_by_time_stops_and_saves(tiny_run, tmp_path):
@@ -156,18 +160,20 @@ def test_run_sized_by_time_stops_and_saves(tiny_run, tmp_path):
         TrainConfig(max_steps=None)
 
 
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["ddp", "ddp_timed", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_torchrun_two_processes_stay_in_sync(mode, tiny_run, tmp_path):
     import os
     import subprocess
     import sys
 
     out = tmp_path / mode
-    port = "29533" if mode == "ddp" else "29534"
+    port = {"ddp": "29533", "fsdp": "29534", "ddp_timed": "29535"}[mode]
+    # Sized by time: every rank must stop at the same step and follow the same LR (synchronised clocks).
+    size = ["--set", "max_steps=null", "--set", "max_minutes=0.15"] if mode == "ddp_timed" else ["--max-steps", "3"]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
         "-m", "bytelift.cli", "train", "--stage", "1", "--source", str(tiny_run / "source"),
-        "--data", str(tiny_run / "corpus"), "--output", str(out), "--max-steps", "3", "--batch-size", "2",
+        "--data", str(tiny_run / "corpus"), "--output", str(out), *size, "--batch-size", "2",
         "--window-tokens", "32", "--set", "model={local_heads: 4}", "--set", "save_steps=3", "--set", "eval_steps=3",
         "--set", f"fsdp={str(mode == 'fsdp').lower()}",
     ]
@@ -176,6 +182,9 @@ def test_torchrun_two_processes_stay_in_sync(mode, tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["ranks_in_sync"] is True
+    if mode == "ddp_timed":
+        assert metrics["train_runtime"] < 0.15 * 60 + 60
+        return
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     # The saved model is whole (not a shard) and its frozen global model is still the source's.

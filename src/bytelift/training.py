@@ -213,21 +213,36 @@ class JsonlLogger(TrainerCallback):
 class TimeBudget(TrainerCallback):
     """Stops training (with a final save) once `minutes` of wall-clock time have passed.
 
-    With `progress`, it also draws the run's progress bar in minutes (for runs sized by time, whose step
-    count is not known in advance), with the latest loss and bytes/s."""
+    The elapsed time is agreed between processes at every step (the largest of the ranks' clocks), so that
+    under torchrun every rank stops at the same step and a time-following LR schedule gives every rank the
+    same learning rate. With `progress`, it also draws the run's progress bar in minutes (for runs sized by
+    time, whose step count is not known in advance), with the latest loss and bytes/s."""
 
     def __init__(self, minutes: float, progress: bool = False):
         self.seconds = 60.0 * minutes
         self.start = time.time()
+        self.elapsed = 0.0  # seconds, synchronised across ranks at each step end
         self.progress = progress
         self._bar = None
 
     def fraction(self) -> float:
-        """Share of the budget spent, in [0, 1]."""
-        return min(1.0, (time.time() - self.start) / max(self.seconds, 1e-9))
+        """Share of the budget spent, in [0, 1] (as of the last step end)."""
+        return min(1.0, self.elapsed / max(self.seconds, 1e-9))
+
+    def _synced_elapsed(self) -> float:
+        import torch.distributed as dist
+
+        elapsed = time.time() - self.start
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([elapsed], dtype=torch.float64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            elapsed = float(t.item())
+        return elapsed
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.time()  # model loading and data set-up do not count against the budget
+        self.elapsed = 0.0
         if self.progress and state.is_world_process_zero:
             from tqdm.auto import tqdm
 
@@ -235,10 +250,11 @@ class TimeBudget(TrainerCallback):
                 "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min {postfix}"))
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.elapsed = self._synced_elapsed()
         if self._bar is not None:
-            self._bar.n = min(time.time() - self.start, self.seconds) / 60
+            self._bar.n = min(self.elapsed, self.seconds) / 60
             self._bar.refresh()
-        if time.time() - self.start >= self.seconds:
+        if self.elapsed >= self.seconds:
             control.should_training_stop = True
             control.should_save = True
         return control
