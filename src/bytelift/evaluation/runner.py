@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from bytelift.evaluation import tasks as T
 from bytelift.evaluation.scoring import ByteScorer, Scored, SourceScorer, bits_per_byte, first_line_match
+from bytelift.objectives import precision_recall_f1
 from bytelift.tokenization import BYTE_OFFSET
 
 
@@ -86,13 +87,8 @@ def boundary_agreement(predicted: list[np.ndarray], gold: list[np.ndarray]) -> d
         patches += int(p.sum()) + 1
         tokens += int(g.sum()) + 1
         n_bytes += len(p) + 1
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_gold if n_gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "precision": precision, "recall": recall, "f1": f1,
-        "bytes_per_patch": n_bytes / max(patches, 1), "bytes_per_token": n_bytes / max(tokens, 1),
-    }
+    scores = {k.removeprefix("boundary_"): v for k, v in precision_recall_f1(tp, n_pred, n_gold).items()}
+    return {**scores, "bytes_per_patch": n_bytes / max(patches, 1), "bytes_per_token": n_bytes / max(tokens, 1)}
 
 
 def choice_accuracy(scored: list[list[Scored]], gold: list[int]) -> dict[str, float]:
@@ -130,7 +126,7 @@ def evaluate(
     for name in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
-        results[name] = globals()[f"_eval_{name}"](byte, source, tok, cfg, results["items"])
+        results[name] = SECTIONS[name](byte, source, tok, cfg, results["items"])
         results["seconds"][name] = round(time.perf_counter() - start, 1)
         log(f"{name}: {summary_line(name, results[name])} ({results['seconds'][name]} s)")
     return results
@@ -203,6 +199,12 @@ def _eval_characters(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfi
     per_task = {t: {m: float(np.mean(v)) for m, v in d.items()} for t, d in correct.items()}
     mean = {m: float(np.mean([per_task[t][m] for t in per_task])) for m in ("byteified", "source")}
     return {"tasks": per_task, "mean": mean, "examples": examples}
+
+
+# Section name -> its runner (byte scorer, source scorer, byte tokenizer, config, item counts) -> results.
+SECTIONS = {
+    "heldout": _eval_heldout, "lambada": _eval_lambada, "hellaswag": _eval_hellaswag, "characters": _eval_characters,
+}
 
 
 def summary_line(section: str, r: dict[str, Any]) -> str:
