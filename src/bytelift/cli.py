@@ -126,7 +126,7 @@ def _eval_config(args):
 def _cmd_eval(args) -> int:
     import dataclasses
 
-    from bytelift.evaluation.report import write_report
+    from bytelift.evaluation.report import markdown, write_report
     from bytelift.evaluation.runner import evaluate, load_pair, training_logs, torch_threads
 
     torch_threads(args.threads)
@@ -144,7 +144,7 @@ def _cmd_eval(args) -> int:
     results["meta"] = {"model": args.model, "source": name}
     report = args.report or f"{args.model.rstrip('/')}/report"
     written = write_report(results, report, training_logs(args.model))
-    print(open(written["markdown"]).read())
+    print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

@@ -102,15 +102,10 @@ def _minutes_since(start: float) -> float:
 
 def _log_minutes(folder: Path) -> float:
     """Wall time an interrupted training stage already spent (from its log's first and last entries)."""
+    from bytelift.evaluation.report import read_log
+
     log = folder / "log.jsonl"
-    if not log.is_file():
-        return 0.0
-    times = []
-    for line in log.read_text().splitlines():
-        try:
-            times.append(json.loads(line)["time"])
-        except (json.JSONDecodeError, KeyError):
-            continue
+    times = [row["time"] for row in read_log(log) if "time" in row] if log.is_file() else []
     return (max(times) - min(times)) / 60 if len(times) > 1 else 0.0
 
 
