@@ -8,34 +8,40 @@ some code). Source bytes/token N = prompt bytes / source tokens over all prompts
 
 Boundary rate: an untrained model closes patches at a random rate, so it is set for the benchmark.
 `--boundaries fixed` (default): the head's boundary decisions are switched off (`boundary_bias=-1e9`) and
-`max_patch_bytes=round(N)` closes a new patch every round(N) bytes exactly (4 for SmolLM2 on these prompts:
-slightly *more* global steps than the source has tokens). Rows stay in step, so batching policies coincide.
-`--boundaries calibrated`: the fused-vs-plain log-odds get a bias b = −(1 − 1/N) quantile of those log-odds
-over the prompts (one teacher-forced forward), new patches capped at 3·N bytes: patch lengths vary per row as
-with a trained model, and all three batching policies are measured. The untrained head's log-odds sit near
-the threshold, so the rate this gives is unstable (runs got 3.1 to 1.0 bytes/patch); the table shows it.
-The prompt's boundaries come from the (untrained) predictor in both modes.
+`max_patch_bytes=cap` closes a new patch every `cap` bytes exactly. N is not an integer (4.23 for SmolLM2 on
+these prompts), so caps floor(N) and ceil(N) are both measured and the decode rate at N interpolated: a
+byte costs its local steps plus 1/(patch length) of a global step, t(N) = a + b/N, which two caps determine
+exactly (rows "interp."; `--bytes-per-patch K` measures cap K alone). Rows stay in step, so batching
+policies coincide. `--boundaries calibrated`: the fused-vs-plain log-odds get a bias b = −(1 − 1/N)
+quantile of those log-odds over the prompts (one teacher-forced forward), new patches capped at 3·N bytes:
+patch lengths vary per row as with a trained model, and all three batching policies are measured. The
+untrained head's log-odds sit near the threshold, so the rate this gives is unstable (runs got 3.1 to 1.0
+bytes/patch); the table shows it. The prompt's boundaries come from the (untrained) predictor in both modes.
 
-Figures:
+Figures (each configuration runs `--repeats` times, alternating with the other model; the fastest prefill
+and decode times are kept, since interference on a shared machine only slows a run down):
 - prefill bytes/s: prompt bytes over the time of the prompt pass (source: one forward over the prompt tokens;
   byteified: `generate(max_new_bytes=0)`: encoder + predictor + global + decoder over the prompt);
 - decode bytes/s: new bytes over (generate time − prefill time); source: new tokens × N;
 - byteified batching policies (`global_sync`): 1.0 parks rows that closed a patch until all have; 1e-3 runs
   the global model whenever any row closed a patch (masked KV slots, no parking); 0.5 (the default) in
   between. The JSON's batch>1 figures are the default policy's.
+`--dtype` sets both models' weights and activations (float32 default).
 
-Measured (2 shared, busy CPU cores, `--threads 1 --batches 1,16`, fixed boundaries; 3 runs each, alternating
-with the code before the fused decoding path): decode ratio batch 1 0.64 / 0.71 / 0.82 (before: 0.66 / 0.65 /
-0.63), batch 16 0.81 / 0.89 / 0.95 (before: 0.81 / 0.85 / 0.80); the source's own rate varied 30-45 B/s at
-batch 1 between runs. Timed per section (two alternating runs each), encoder + decoder steps per byte at
-batch 1 fell from 15.5-18.8 ms to 11.6-13.1 ms; at batch 16 they did not change (compute-bound).
-Both batch sizes are bound by the weights: per byte the byteified model reads ~162 MB of fp32 weights (local
-56 MB + global 424 MB / 4 bytes per patch) where the source reads ~127 MB (538 MB / 4.23 bytes per token), and
-does ~40 M vs ~32 M multiply-adds per row, so ratios near 0.8 are what equal efficiency gives; more needs
-smaller weights or longer patches.
+Measured (2-core CPU, otherwise idle, `--threads 1`, defaults: fixed boundaries at N = 4.226, 3 repeats,
+float32): decode ratio byteified/source 0.72 at batch 1 (36.4 vs 50.5 B/s), 0.74 at batch 4, 0.96 at
+batch 16 (239.5 vs 249.4 B/s); byteified batch 16 = 6.6× batch 1; prefill ratio at batch 1 1.46.
+In bfloat16 (`--dtype bfloat16`, one run each, before the repeats existed) both models lose at batch 16 on
+this AVX2 CPU without bf16 arithmetic (source 113 vs 216 B/s in float32), so float32 is the CPU setting.
+Both batch sizes are bound by the weights: per byte the byteified model reads ~153 MB of fp32 weights (local
+53 MB + global 424 MB / 4.23 bytes per patch) where the source reads ~127 MB (538 MB / 4.23 bytes per token),
+and does ~38 M vs ~32 M multiply-adds per row, so ratios near 0.83 are what equal efficiency gives (the
+reference reports ≈0.83 on a GPU); more needs fewer weight bytes per byte (longer patches:
+`--bytes-per-patch 8` gave 1.17 at batch 1, 1.07 at batch 16 in an earlier single-run measurement).
 
 The last line printed is one JSON object.
-Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--boundaries fixed|calibrated]
+Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
+       [--boundaries fixed|calibrated] [--bytes-per-patch K]
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import time
 
 import torch
@@ -74,29 +81,43 @@ def timed(fn):
     return time.perf_counter() - t, result
 
 
-def bench_source(model, tok, texts, new_tokens, repeats=1):
+def bench_source(model, tok, texts, new_tokens):
+    """-> (prefill seconds, decode seconds) of one run (no warm-up: the caller keeps the fastest of repeats)."""
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     batch = tok(texts, return_tensors="pt", padding=True)
     with torch.inference_mode():
         # The prompt pass as `generate` runs it: logits of the last position only.
-        model(**batch, logits_to_keep=1)  # warm-up
-        t_pre = min(timed(lambda: model(**batch, logits_to_keep=1))[0] for _ in range(repeats))
+        t_pre, _ = timed(lambda: model(**batch, logits_to_keep=1))
         t_gen, _ = timed(lambda: model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                 do_sample=False, pad_token_id=tok.pad_token_id))
     return t_pre, max(t_gen - t_pre, 1e-9)
 
 
-def bench_byte(model, texts, new_bytes, bias, cap, sync, repeats=1):
+def bench_byte(model, texts, new_bytes, bias, cap, sync):
+    """-> (prefill seconds, decode seconds, boundary rate of the new bytes, global steps) of one run."""
     kwargs = dict(boundary_bias=bias, max_patch_bytes=cap, eos=False, global_sync=sync)
     with torch.inference_mode():
-        model.generate(texts, max_new_bytes=0, **kwargs)  # warm-up
-        t_pre = min(timed(lambda: model.generate(texts, max_new_bytes=0, **kwargs))[0] for _ in range(repeats))
+        t_pre, _ = timed(lambda: model.generate(texts, max_new_bytes=0, **kwargs))
         t_gen, out = timed(lambda: model.generate(texts, max_new_bytes=new_bytes, return_dict=True, **kwargs))
     assert int(out.num_new_bytes.min()) == new_bytes
     rate = float(out.boundaries.float().mean())
     return t_pre, max(t_gen - t_pre, 1e-9), rate, out.global_steps
+
+
+def at_rate(by_cap: dict[int, tuple[float, float]], rate: float | None) -> float:
+    """Decode bytes/s at `rate` bytes per patch from runs at integer caps {cap: (prefill, decode B/s)}.
+
+    Time per byte is local work per byte plus one global step per patch: t(N) = a + b/N, exact in 1/N, so
+    the two measured caps around N determine it. One cap (or no rate): that run's figure.
+    """
+    if len(by_cap) == 1 or rate is None:
+        return next(iter(by_cap.values()))[1]
+    (lo, (_, d_lo)), (hi, (_, d_hi)) = sorted(by_cap.items())
+    t_lo, t_hi = 1 / d_lo, 1 / d_hi
+    t = t_lo + (t_hi - t_lo) * (1 / rate - 1 / lo) / (1 / hi - 1 / lo)
+    return 1 / t
 
 
 def calibrate_bias(model, texts, bytes_per_patch):
@@ -120,8 +141,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-bytes", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, fastest kept")
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="weights and activations of both models")
     parser.add_argument("--boundaries", choices=["fixed", "calibrated"], default="fixed",
                         help="fixed: a new patch every round(N) bytes; calibrated: biased head decisions "
                              "(varied patch lengths) and all three batching policies")
@@ -136,39 +160,57 @@ def main() -> None:
     from bytelift.modeling import ByteliftForCausalLM
     from bytelift.sources import load_source
 
+    dtype = getattr(torch, args.dtype)
     source, tok = load_source("smollm2-135m")
-    source.eval()
-    model = ByteliftForCausalLM.from_source("smollm2-135m").eval()  # its own copy of the transformer
+    source = source.to(dtype).eval()
+    model = ByteliftForCausalLM.from_source("smollm2-135m").to(dtype).eval()  # its own copy of the transformer
     texts = prompts(args.prompt_bytes)
     n_bytes = sum(len(t.encode()) for t in texts)
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     bpt = n_bytes / n_tokens
     new_bytes = round(args.new_tokens * bpt)
     if args.boundaries == "fixed":
-        # The head never closes a patch; the cap closes one every round(N) (or --bytes-per-patch) bytes.
-        cap, bias = args.bytes_per_patch or round(bpt), NEVER
+        # The head never closes a patch; the cap closes one every `cap` bytes. At the source's own rate N
+        # (not an integer), caps floor(N) and ceil(N) are both measured and interpolated (see the docstring).
+        caps, bias = [args.bytes_per_patch] if args.bytes_per_patch else sorted({math.floor(bpt), math.ceil(bpt)}), NEVER
+        rate = args.bytes_per_patch or bpt
     else:
-        cap, bias = PATCH_CAP_FACTOR * round(bpt), calibrate_bias(model, texts, bpt)
-    print(f"threads {torch.get_num_threads()} | source bytes/token {bpt:.2f} | {args.new_tokens} new tokens "
-          f"= {new_bytes} new bytes | boundary bias {bias:+.2f}, patches capped at {cap} bytes")
+        caps, bias, rate = [PATCH_CAP_FACTOR * round(bpt)], calibrate_bias(model, texts, bpt), None
+    print(f"{args.dtype} | threads {torch.get_num_threads()} | source bytes/token {bpt:.3f} | {args.new_tokens} new "
+          f"tokens = {new_bytes} new bytes | boundary bias {bias:+.2f}, patches capped at {caps} bytes")
 
     rows, figures = [], {}
     for b in [int(x) for x in args.batches.split(",")]:
         batch = (texts * ((b + len(texts) - 1) // len(texts)))[:b]
         pb = sum(len(t.encode()) for t in batch)
-        t_pre, t_dec = bench_source(source, tok, batch, args.new_tokens)
-        src_pre, src_dec = pb / t_pre, b * args.new_tokens * bpt / t_dec
-        rows.append((b, "source HF generate", "", src_pre, src_dec, "", ""))
-        print(f"  measured: batch {b} source", flush=True)
         # Fixed boundaries keep all rows in step: the policies coincide, so only the default runs.
         syncs = [1.0] if b == 1 else [DEFAULT_GLOBAL_SYNC] if args.boundaries == "fixed" else [
             1.0, DEFAULT_GLOBAL_SYNC, 1e-3]
+        default_sync = 1.0 if b == 1 else DEFAULT_GLOBAL_SYNC
+        # Repeats alternate the models, and each configuration keeps its fastest prefill and decode times:
+        # interference on a shared machine only ever slows a run down.
+        src_t, byte_t, info = [math.inf, math.inf], {}, {}
+        for r in range(args.repeats):
+            src_t = [min(a, t) for a, t in zip(src_t, bench_source(source, tok, batch, args.new_tokens))]
+            for sync in syncs:
+                for cap in caps:
+                    t_pre, t_dec, got, steps = bench_byte(model, batch, new_bytes, bias, cap, sync)
+                    old = byte_t.get((sync, cap), [math.inf, math.inf])
+                    byte_t[sync, cap] = [min(old[0], t_pre), min(old[1], t_dec)]
+                    info[sync, cap] = (got, steps)
+            print(f"  measured: batch {b}, repeat {r + 1}/{args.repeats}", flush=True)
+        src_pre, src_dec = pb / src_t[0], b * args.new_tokens * bpt / src_t[1]
+        rows.append((b, "source HF generate", "", src_pre, src_dec, f"{bpt:.2f}", ""))
         for sync in syncs:
-            bt_pre, bt_dec, rate, steps = bench_byte(model, batch, new_bytes, bias, cap, sync)
-            pre, dec = pb / bt_pre, b * new_bytes / bt_dec
-            rows.append((b, "byteified", sync, pre, dec, f"{1 / max(rate, 1e-9):.2f}", steps))
-            print(f"  measured: batch {b} byteified sync {sync}: decode {dec:.1f} B/s", flush=True)
-            if sync == (1.0 if b == 1 else DEFAULT_GLOBAL_SYNC):
+            by_cap = {}
+            for cap in caps:
+                (t_pre, t_dec), (got, steps) = byte_t[sync, cap], info[sync, cap]
+                by_cap[cap] = (pb / t_pre, b * new_bytes / t_dec)
+                rows.append((b, "byteified", sync, *by_cap[cap], f"{1 / max(got, 1e-9):.2f}", steps))
+            pre, dec = by_cap[caps[0]][0], at_rate(by_cap, rate)
+            if len(caps) > 1:
+                rows.append((b, "byteified (interp.)", sync, pre, dec, f"{rate:.2f}", ""))
+            if sync == default_sync:
                 figures[b] = dict(src_pre=src_pre, src_dec=src_dec, pre=pre, dec=dec)
             figures.setdefault(f"sync{b}", {})[sync] = dec
 
@@ -189,8 +231,9 @@ def main() -> None:
             result["batch16_vs_batch1"] = f16["dec"] / figures[1]["dec"]
         if args.boundaries == "calibrated":
             result["b16_decode_by_sync"] = figures.get("sync16")
-    result.update(bytes_per_token=bpt, bytes_per_patch=cap if args.boundaries == "fixed" else None,
-                  boundary_bias=bias, threads=torch.get_num_threads())
+    result.update(bytes_per_token=bpt, bytes_per_patch=rate,
+                  boundary_bias=bias, threads=torch.get_num_threads(), dtype=args.dtype,
+                  repeats=args.repeats)
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}))
 
 

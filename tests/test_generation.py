@@ -6,7 +6,10 @@ import pytest
 import torch
 from transformers import TextStreamer
 
-from bytelift.generation import ByteTextStreamer, DecodingSession
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+import bytelift.generation as generation
+from bytelift.generation import ByteTextStreamer, DecodingSession, GrowingKVLayer
 from bytelift.modeling import ByteliftForCausalLM
 from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
 from tests.tiny_models import tiny_source
@@ -367,6 +370,48 @@ def test_other_architectures_batched_equals_alone(arch, family, bytelevel_tokeni
     for r, p in enumerate(prompts):
         assert torch.equal(m.generate([p], **kwargs).new_ids[0], batch.new_ids[r]), (arch, p)
     assert 0 < int(batch.boundaries.sum()) < batch.boundaries.numel()
+
+
+def test_growing_kv_layer_equals_dynamic_layer(monkeypatch):
+    """Appends in place across several buffer growths and row selections: the same keys and values as HF's
+    concatenating DynamicLayer, and the cache's sequence length follows."""
+    monkeypatch.setattr(generation, "SLOT_BLOCK", 2)
+    torch.manual_seed(0)
+    ours, theirs = GrowingKVLayer(), DynamicLayer()
+    B = 5
+    for S, select in [(3, None), (1, None), (1, None), (2, [0, 2, 3, 4]), (1, None), (4, [1, 3]), (1, None)]:
+        if select is not None:
+            index = torch.tensor(select)
+            ours.batch_select_indices(index)
+            theirs.batch_select_indices(index)
+            B = len(select)
+        k, v = torch.randn(B, 2, S, 8), torch.randn(B, 2, S, 6)
+        k_ours, v_ours = ours.update(k, v)
+        k_theirs, v_theirs = theirs.update(k, v)
+        assert torch.equal(k_ours, k_theirs) and torch.equal(v_ours, v_theirs)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+
+
+def test_global_cache_layer_types(bytelevel_tokenizer, sentencepiece_tokenizer):
+    """Full-attention layers append in place; sliding-window layers keep HF's windowed layer."""
+    llama = _model(bytelevel_tokenizer).global_model.config
+    assert all(type(layer) is GrowingKVLayer for layer in generation._global_cache(llama).layers)
+    gemma = _model(sentencepiece_tokenizer, arch="gemma3").global_model.config
+    types = {type(layer) for layer in generation._global_cache(gemma).layers}
+    assert DynamicSlidingWindowLayer in types
+
+
+def test_batched_greedy_equals_alone_across_cache_growth(model, monkeypatch):
+    """KV buffers and the slot mask grown many times during one generation (one-slot blocks): outputs
+    unchanged, and each row equals itself alone."""
+    monkeypatch.setattr(generation, "SLOT_BLOCK", 1)
+    prompts = MIXED_PROMPTS[:4]
+    kwargs = dict(max_new_bytes=24, return_dict=True, eos=False)
+    batch = model.generate(prompts, **kwargs)
+    assert batch.global_steps > 3
+    for r, p in enumerate(prompts):
+        assert torch.equal(model.generate([p], **kwargs).new_ids[0], batch.new_ids[r]), p
 
 
 def test_forced_last_prompt_byte(model):

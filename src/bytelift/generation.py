@@ -30,6 +30,8 @@ no holes after the prefill; that keeps sliding-window sources exact (their windo
 for them `global_sync` is forced to 1.0.
 A row that finished (eos, stop string, length, full context) leaves the computed batch at the next
 step: its mLSTM states, KV-cache rows and bookkeeping are dropped, so it stops costing compute.
+The global KV cache appends each new slot in place (`GrowingKVLayer`), where HF's default layer copies
+the whole cache at every step.
 
 Sampling. The head's 520 fused logits are folded into the 260-way next-symbol distribution
 p(k) = p(k plain) + p(k fused); the logits processors (temperature, top-k, top-p, repetition penalty,
@@ -61,6 +63,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from bytelift.mlstm import MLSTMState
@@ -102,6 +105,65 @@ class GenerateOutput:
     prompt_boundaries: torch.Tensor
     texts: list[str]
     global_steps: int
+
+
+class GrowingKVLayer(DynamicLayer):
+    """A full-attention KV-cache layer that appends in place: keys and values live in buffers with spare
+    capacity (grown by SLOT_BLOCK slots at a time), and `keys` / `values` are views of their filled part.
+
+    HF's DynamicLayer concatenates the whole cache with the new slot at every step, so each step copies
+    every layer's cache: O(slots) bytes per step, quadratic over a generation. Measured on SmolLM2,
+    batch 16, ~100 slots, one CPU thread, two profiled runs each: `torch.cat` took 42 / 14 ms of a
+    238 / 213 ms global step; with this layer 1 ms of 212 / 191 ms. Here a step writes only its new slot.
+    Shapes (B, H_kv, S, d_head) as DynamicLayer; only growth and `batch_select_indices` copy.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._filled = 0
+        self._key_buffer = self._value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states (B, H_kv, S, d_k), value_states (B, H_kv, S, d_v) -> all keys and values so far."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self._filled, self._filled + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            self._key_buffer = self._grown(self._key_buffer, key_states, end)
+            self._value_buffer = self._grown(self._value_buffer, value_states, end)
+        self._key_buffer[..., start:end, :] = key_states
+        self._value_buffer[..., start:end, :] = value_states
+        self._filled = end
+        self._expose()
+        return self.keys, self.values
+
+    def _grown(self, buffer: torch.Tensor | None, new: torch.Tensor, needed: int) -> torch.Tensor:
+        """A buffer of needed + SLOT_BLOCK slots holding the filled part of `buffer`."""
+        grown = new.new_empty(*new.shape[:-2], needed + SLOT_BLOCK, new.shape[-1])
+        if buffer is not None and self._filled:
+            grown[..., : self._filled, :] = buffer[..., : self._filled, :]
+        return grown
+
+    def _expose(self) -> None:
+        self.keys = self._key_buffer[..., : self._filled, :]
+        self.values = self._value_buffer[..., : self._filled, :]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows `indices` (B',)."""
+        if self.is_initialized and self._key_buffer is not None:
+            self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+            self._expose()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("bytelift's decoding never crops its KV cache")
+
+
+def _global_cache(config) -> DynamicCache:
+    """The global model's KV cache: HF's per-layer types from the config (sliding windows included), with
+    every plain full-attention layer appending in place (GrowingKVLayer)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingKVLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _uses_sliding_window(config) -> bool:
@@ -202,7 +264,7 @@ class DecodingSession:
         capacity = P + SLOT_BLOCK
         self.kv_mask = torch.zeros(B, capacity, dtype=torch.long, device=self.device)
         self.num_slots = P
-        self.cache = DynamicCache(config=model.global_model.config)
+        self.cache = _global_cache(model.global_model.config)
         d_l = model.config.local_hidden_size
         if P == 0:  # nothing to run: every prompt is bos alone
             self.g_last = h.new_zeros(B, d_l)

@@ -704,9 +704,11 @@ class FusedLinear:
     """Inference-only concatenation of several ``nn.Linear`` along their outputs: one matmul instead of
     one per projection (decoding at batch 1 pays per kernel launch and per pass over the weights).
 
-    The weights are kept transposed, (in_features, Σ out_features) contiguous: a one-row product against
-    that layout streams the matrix faster than against nn.Linear's (out, in) layout (measured on this
-    project's CPU, one thread, cold caches: 1760×576 fp32 400 µs vs 580 µs; no difference at 576 outputs).
+    Layout. On the CPU in float32 the weights are kept transposed, (in_features, Σ out_features) contiguous:
+    a one-row product streams that layout faster than nn.Linear's (out, in) (measured on this project's
+    CPU, one thread, cold caches: 1764×576 fp32 380 µs vs 570 µs; at 16 rows the two are within noise in
+    whole decoding runs). In half precision, and off the CPU, the (out, in) layout is kept: there the
+    transposed one falls off PyTorch's fast CPU kernels (1764×576 fp16, one row: 2.1 ms vs 0.33 ms).
 
     Not a parameter or buffer (state dicts and checkpoints are untouched) but a cache, rebuilt whenever a
     source weight or bias changed: in place (its version counter moved) or replaced (its storage changed;
@@ -717,7 +719,7 @@ class FusedLinear:
     def __init__(self):
         self._sources: tuple[torch.Tensor, ...] = ()  # aliases of the parameters the cache was built from
         self._versions: tuple[int, ...] = ()
-        self.weight_t: torch.Tensor | None = None  # (in_features, Σ out_features)
+        self.weight_t: torch.Tensor | None = None  # (in_features, Σ out_features), maybe a view of (out, in)
         self.bias: torch.Tensor | None = None  # (Σ out_features,) or None when no linear has a bias
 
     def __call__(self, x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
@@ -733,7 +735,9 @@ class FusedLinear:
         if not self._fresh(params):
             # Built as a normal tensor even under inference_mode, so that later no_grad calls may use it.
             with torch.inference_mode(False), torch.no_grad():
-                self.weight_t = torch.cat([lin.weight for lin in linears], dim=0).t().contiguous()
+                weight = torch.cat([lin.weight for lin in linears], dim=0)  # (Σ out, in)
+                transposed = weight.device.type == "cpu" and weight.dtype == torch.float32
+                self.weight_t = weight.t().contiguous() if transposed else weight.t()
                 has_bias = any(lin.bias is not None for lin in linears)
                 self.bias = torch.cat([
                     lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears
