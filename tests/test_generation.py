@@ -344,6 +344,20 @@ def test_cli_generate(model, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == expected[0] + "\n"
 
 
+def test_cli_generate_prompt_file(model, tmp_path, capsys):
+    """--file: one prompt per line (CRLF or LF, blank lines skipped, an invalid UTF-8 byte kept), batched."""
+    from bytelift.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "prompts.txt").write_bytes(b"first line\r\n\nbad \xff byte\nlast")
+    prompts = ["first line", b"bad \xff byte", "last"]
+    expected = model.generate(prompts, max_new_bytes=5, return_dict=True).texts
+    args = ["generate", str(tmp_path / "m"), "--file", str(tmp_path / "prompts.txt"), "--max-new-bytes", "5",
+            "--batch-size", "2", "--threads", "1"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == "".join(f"=== {i} ===\n{t}\n" for i, t in enumerate(expected))
+
+
 def test_max_patch_bytes(model):
     out = model.generate(["patch caps", "x"], max_new_bytes=30, return_dict=True, eos=False, boundary_bias=-1e9,
                          max_patch_bytes=3)

@@ -40,6 +40,18 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _prompt_lines(path: str) -> list[str]:
+    """One prompt per line of the file ('-' = stdin); blank lines are skipped, and invalid UTF-8 bytes survive
+    (surrogateescape, which the byte tokenizer maps back to the same bytes)."""
+    if path == "-":
+        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+    else:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+    lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
+    return [line for line in lines if line]
+
+
 def _cmd_generate(args) -> int:
     import torch
 
@@ -63,8 +75,7 @@ def _cmd_generate(args) -> int:
     for item in positional:
         prompts.append(sys.stdin.read() if item == "-" else item)
     for path in args.file or []:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            prompts.append(f.read())
+        prompts.extend(_prompt_lines(path))
     if not prompts:
         prompts.append(sys.stdin.read())
     kwargs = dict(
@@ -220,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text with a byteified model")
     p.add_argument("args", nargs="*", metavar="[MODEL] PROMPT",
-                   help="a saved bytelift folder (omit with --source), then prompts ('-' = stdin; none: stdin)")
+                   help="a saved bytelift folder (omit with --source), then prompts ('-' = all of stdin as one "
+                        "prompt; no prompt and no --file: the same)")
     p.add_argument("--source", help="byteify this source on the fly instead (untrained: smoke tests only)")
-    p.add_argument("--file", action="append", help="read a prompt from this file (repeatable)")
+    p.add_argument("--file", action="append",
+                   help="read prompts from this file, one per line, blank lines skipped ('-' = stdin; repeatable)")
     p.add_argument("--max-new-bytes", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
