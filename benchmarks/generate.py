@@ -18,8 +18,9 @@ patch lengths vary per row as with a trained model, and all three batching polic
 untrained head's log-odds sit near the threshold, so the rate this gives is unstable (runs got 3.1 to 1.0
 bytes/patch); the table shows it. The prompt's boundaries come from the (untrained) predictor in both modes.
 
-Figures (each configuration runs `--repeats` times, alternating with the other model; the fastest prefill
-and decode times are kept, since interference on a shared machine only slows a run down):
+Figures (after one warm-up prompt pass per model, each configuration runs `--repeats` times, alternating
+with the other model; its fastest prefill and fastest prefill + decode are kept, since interference on a
+shared machine only slows a run down, and decode time is their difference):
 - prefill bytes/s: prompt bytes over the time of the prompt pass (source: one forward over the prompt tokens;
   byteified: `generate(max_new_bytes=0)`: encoder + predictor + global + decoder over the prompt);
 - decode bytes/s: new bytes over (generate time − prefill time); source: new tokens × N;
@@ -82,7 +83,7 @@ def timed(fn):
 
 
 def bench_source(model, tok, texts, new_tokens):
-    """-> (prefill seconds, decode seconds) of one run (no warm-up: the caller keeps the fastest of repeats)."""
+    """-> (prefill seconds, prefill + decode seconds) of one run."""
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -92,18 +93,18 @@ def bench_source(model, tok, texts, new_tokens):
         t_pre, _ = timed(lambda: model(**batch, logits_to_keep=1))
         t_gen, _ = timed(lambda: model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                 do_sample=False, pad_token_id=tok.pad_token_id))
-    return t_pre, max(t_gen - t_pre, 1e-9)
+    return t_pre, t_gen
 
 
 def bench_byte(model, texts, new_bytes, bias, cap, sync):
-    """-> (prefill seconds, decode seconds, boundary rate of the new bytes, global steps) of one run."""
+    """-> (prefill seconds, prefill + decode seconds, boundary rate of the new bytes, global steps) of one run."""
     kwargs = dict(boundary_bias=bias, max_patch_bytes=cap, eos=False, global_sync=sync)
     with torch.inference_mode():
         t_pre, _ = timed(lambda: model.generate(texts, max_new_bytes=0, **kwargs))
         t_gen, out = timed(lambda: model.generate(texts, max_new_bytes=new_bytes, return_dict=True, **kwargs))
     assert int(out.num_new_bytes.min()) == new_bytes
     rate = float(out.boundaries.float().mean())
-    return t_pre, max(t_gen - t_pre, 1e-9), rate, out.global_steps
+    return t_pre, t_gen, rate, out.global_steps
 
 
 def at_rate(by_cap: dict[int, tuple[float, float]], rate: float | None) -> float:
@@ -147,10 +148,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="weights and activations of both models")
     parser.add_argument("--boundaries", choices=["fixed", "calibrated"], default="fixed",
-                        help="fixed: a new patch every round(N) bytes; calibrated: biased head decisions "
+                        help="fixed: a new patch every floor(N) / ceil(N) bytes, interpolated at N; calibrated: biased head decisions "
                              "(varied patch lengths) and all three batching policies")
     parser.add_argument("--bytes-per-patch", type=int, default=None,
-                        help="fixed mode: close a patch every this many bytes instead of round(N) (what a "
+                        help="fixed mode: close a patch every this many bytes instead of at N (what a "
                              "stage-2 model trained with BPE-style merges reaches; finds the break-even point)")
     args = parser.parse_args()
     if args.threads:
@@ -172,8 +173,8 @@ def main() -> None:
     if args.boundaries == "fixed":
         # The head never closes a patch; the cap closes one every `cap` bytes. At the source's own rate N
         # (not an integer), caps floor(N) and ceil(N) are both measured and interpolated (see the docstring).
-        caps, bias = [args.bytes_per_patch] if args.bytes_per_patch else sorted({math.floor(bpt), math.ceil(bpt)}), NEVER
-        rate = args.bytes_per_patch or bpt
+        caps = [args.bytes_per_patch] if args.bytes_per_patch else sorted({math.floor(bpt), math.ceil(bpt)})
+        bias, rate = NEVER, args.bytes_per_patch or bpt
     else:
         caps, bias, rate = [PATCH_CAP_FACTOR * round(bpt)], calibrate_bias(model, texts, bpt), None
     print(f"{args.dtype} | threads {torch.get_num_threads()} | source bytes/token {bpt:.3f} | {args.new_tokens} new "
@@ -187,25 +188,28 @@ def main() -> None:
         syncs = [1.0] if b == 1 else [DEFAULT_GLOBAL_SYNC] if args.boundaries == "fixed" else [
             1.0, DEFAULT_GLOBAL_SYNC, 1e-3]
         default_sync = 1.0 if b == 1 else DEFAULT_GLOBAL_SYNC
-        # Repeats alternate the models, and each configuration keeps its fastest prefill and decode times:
-        # interference on a shared machine only ever slows a run down.
+        # Repeats alternate the models, and each configuration keeps its fastest prefill and its fastest
+        # prefill + decode (interference on a shared machine only ever slows a run down); decode time is
+        # their difference. One warm-up prompt pass per model first.
         src_t, byte_t, info = [math.inf, math.inf], {}, {}
+        bench_source(source, tok, batch, 1)
+        bench_byte(model, batch, 1, bias, caps[0], syncs[0])
         for r in range(args.repeats):
             src_t = [min(a, t) for a, t in zip(src_t, bench_source(source, tok, batch, args.new_tokens))]
             for sync in syncs:
                 for cap in caps:
-                    t_pre, t_dec, got, steps = bench_byte(model, batch, new_bytes, bias, cap, sync)
+                    t_pre, t_gen, got, steps = bench_byte(model, batch, new_bytes, bias, cap, sync)
                     old = byte_t.get((sync, cap), [math.inf, math.inf])
-                    byte_t[sync, cap] = [min(old[0], t_pre), min(old[1], t_dec)]
+                    byte_t[sync, cap] = [min(old[0], t_pre), min(old[1], t_gen)]
                     info[sync, cap] = (got, steps)
             print(f"  measured: batch {b}, repeat {r + 1}/{args.repeats}", flush=True)
-        src_pre, src_dec = pb / src_t[0], b * args.new_tokens * bpt / src_t[1]
+        src_pre, src_dec = pb / src_t[0], b * args.new_tokens * bpt / max(src_t[1] - src_t[0], 1e-9)
         rows.append((b, "source HF generate", "", src_pre, src_dec, f"{bpt:.2f}", ""))
         for sync in syncs:
             by_cap = {}
             for cap in caps:
-                (t_pre, t_dec), (got, steps) = byte_t[sync, cap], info[sync, cap]
-                by_cap[cap] = (pb / t_pre, b * new_bytes / t_dec)
+                (t_pre, t_gen), (got, steps) = byte_t[sync, cap], info[sync, cap]
+                by_cap[cap] = (pb / t_pre, b * new_bytes / max(t_gen - t_pre, 1e-9))
                 rows.append((b, "byteified", sync, *by_cap[cap], f"{1 / max(got, 1e-9):.2f}", steps))
             pre, dec = by_cap[caps[0]][0], at_rate(by_cap, rate)
             if len(caps) > 1:
