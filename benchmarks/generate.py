@@ -30,8 +30,10 @@ shared machine only slows a run down, and decode time is their difference):
 `--dtype` sets both models' weights and activations (float32 default).
 
 Measured (2-core CPU, otherwise idle, `--threads 1`, defaults: fixed boundaries at N = 4.226, 3 repeats,
-float32): decode ratio byteified/source 0.72 at batch 1 (36.4 vs 50.5 B/s), 0.74 at batch 4, 0.96 at
-batch 16 (239.5 vs 249.4 B/s); byteified batch 16 = 6.6× batch 1; prefill ratio at batch 1 1.46.
+float32): decode ratio byteified/source 0.75 at batch 1 (34.3 vs 45.6 B/s), 0.71 at batch 4, 0.89 at
+batch 16 (228.7 vs 256.9 B/s); byteified batch 16 = 6.7× batch 1; prefill ratio at batch 1 1.16. A second
+run (`--batches 1,16 --repeats 2`): 0.69, 0.85, 6.1. Within one run the byteified rates at caps 4 and 5
+still wander (at batch 1: 32.0 and 42.7 B/s in the first run, 33.0 and 32.4 in the second).
 In bfloat16 (`--dtype bfloat16`, one run each, before the repeats existed) both models lose at batch 16 on
 this AVX2 CPU without bf16 arithmetic (source 113 vs 216 B/s in float32), so float32 is the CPU setting.
 Both batch sizes are bound by the weights: per byte the byteified model reads ~153 MB of fp32 weights (local

@@ -389,10 +389,10 @@ def test_other_architectures_batched_equals_alone(arch, family, bytelevel_tokeni
 def test_growing_kv_layer_equals_dynamic_layer(monkeypatch):
     """Appends in place across several buffer growths and row selections: the same keys and values as HF's
     concatenating DynamicLayer, and the cache's sequence length follows."""
-    monkeypatch.setattr(generation, "SLOT_BLOCK", 2)
+    monkeypatch.setattr(generation, "KV_MIN_SPARE", 2)
     torch.manual_seed(0)
     ours, theirs = GrowingKVLayer(), DynamicLayer()
-    B = 5
+    B, growths, capacity = 5, 0, 0
     for S, select in [(3, None), (1, None), (1, None), (2, [0, 2, 3, 4]), (1, None), (4, [1, 3]), (1, None)]:
         if select is not None:
             index = torch.tensor(select)
@@ -405,6 +405,9 @@ def test_growing_kv_layer_equals_dynamic_layer(monkeypatch):
         assert torch.equal(k_ours, k_theirs) and torch.equal(v_ours, v_theirs)
         assert ours.get_seq_length() == theirs.get_seq_length()
         assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+        growths += ours._key_buffer.shape[-2] != capacity
+        capacity = ours._key_buffer.shape[-2]
+    assert growths == 3  # capacities 5, 9, 15 with two spare slots
 
 
 def test_global_cache_layer_types(bytelevel_tokenizer, sentencepiece_tokenizer):
@@ -417,9 +420,10 @@ def test_global_cache_layer_types(bytelevel_tokenizer, sentencepiece_tokenizer):
 
 
 def test_batched_greedy_equals_alone_across_cache_growth(model, monkeypatch):
-    """KV buffers and the slot mask grown many times during one generation (one-slot blocks): outputs
-    unchanged, and each row equals itself alone."""
+    """KV buffers and the slot mask grown many times during one generation (one-slot spare, one-slot
+    blocks): outputs unchanged, and each row equals itself alone."""
     monkeypatch.setattr(generation, "SLOT_BLOCK", 1)
+    monkeypatch.setattr(generation, "KV_MIN_SPARE", 1)
     prompts = MIXED_PROMPTS[:4]
     kwargs = dict(max_new_bytes=24, return_dict=True, eos=False)
     batch = model.generate(prompts, **kwargs)

@@ -77,6 +77,10 @@ DEFAULT_GLOBAL_SYNC = 0.5
 DEFAULT_MAX_NEW_BYTES = 64
 # Global KV-slot capacity grows in blocks of this many slots (the mask buffer is reallocated rarely).
 SLOT_BLOCK = 256
+# GrowingKVLayer's spare capacity after a growth: a quarter of the slots in use, at least this many. A
+# quarter keeps the slack small next to the cache (a large batch's KV cache can take gigabytes) while
+# growths stay geometric: each slot is copied a bounded number of times over a generation.
+KV_MIN_SPARE = 64
 # Special ids that generation never emits (EOS is governed by `eos`).
 NEVER_GENERATED = (PAD_ID, BOS_ID, FILLER_ID)
 # Finished rows leave the computed batch (mLSTM states, KV cache, bookkeeping) at the next step, so they
@@ -109,7 +113,7 @@ class GenerateOutput:
 
 class GrowingKVLayer(DynamicLayer):
     """A full-attention KV-cache layer that appends in place: keys and values live in buffers with spare
-    capacity (grown by SLOT_BLOCK slots at a time), and `keys` / `values` are views of their filled part.
+    capacity (see KV_MIN_SPARE), and `keys` / `values` are views of their filled part.
 
     HF's DynamicLayer concatenates the whole cache with the new slot at every step, so each step copies
     every layer's cache: O(slots) bytes per step, quadratic over a generation. Measured on SmolLM2,
@@ -138,8 +142,9 @@ class GrowingKVLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grown(self, buffer: torch.Tensor | None, new: torch.Tensor, needed: int) -> torch.Tensor:
-        """A buffer of needed + SLOT_BLOCK slots holding the filled part of `buffer`."""
-        grown = new.new_empty(*new.shape[:-2], needed + SLOT_BLOCK, new.shape[-1])
+        """A buffer of needed + max(KV_MIN_SPARE, needed // 4) slots holding the filled part of `buffer`."""
+        capacity = needed + max(KV_MIN_SPARE, needed // 4)
+        grown = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
         if buffer is not None and self._filled:
             grown[..., : self._filled, :] = buffer[..., : self._filled, :]
         return grown
