@@ -40,7 +40,8 @@ Both batch sizes are bound by the weights: per byte the byteified model reads ~1
 53 MB + global 424 MB / 4.23 bytes per patch) where the source reads ~127 MB (538 MB / 4.23 bytes per token),
 and does ~38 M vs ~32 M multiply-adds per row, so ratios near 0.83 are what equal efficiency gives (the
 reference reports ≈0.83 on a GPU); more needs fewer weight bytes per byte (longer patches:
-`--bytes-per-patch 8` gave 1.17 at batch 1, 1.07 at batch 16 in an earlier single-run measurement).
+`--batches 1,16 --repeats 2 --bytes-per-patch 8` gave 1.09 at batch 1 and 1.25 at batch 16, batch 16 = 7.3×
+batch 1).
 
 The last line printed is one JSON object.
 Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
