@@ -408,6 +408,11 @@ def test_growing_kv_layer_equals_dynamic_layer(monkeypatch):
         growths += ours._key_buffer.shape[-2] != capacity
         capacity = ours._key_buffer.shape[-2]
     assert growths == 3  # capacities 5, 9, 15 with two spare slots
+    for op, arg in (("reorder_cache", torch.tensor([1, 1, 0])), ("batch_repeat_interleave", 2)):
+        getattr(ours, op)(arg)
+        getattr(theirs, op)(arg)
+        k = torch.randn(ours.keys.shape[0], 2, 1, 8)
+        assert torch.equal(ours.update(k, k[..., :6])[0], theirs.update(k, k[..., :6])[0]), op
 
 
 def test_global_cache_layer_types(bytelevel_tokenizer, sentencepiece_tokenizer):

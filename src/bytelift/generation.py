@@ -154,10 +154,17 @@ class GrowingKVLayer(DynamicLayer):
         self.values = self._value_buffer[..., : self._filled, :]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the rows `indices` (B',)."""
+        """Keep the rows `indices` (B',) (repeats allowed)."""
         if self.is_initialized and self._key_buffer is not None:
+            indices = indices.to(self._key_buffer.device)
             self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
             self._expose()
+
+    reorder_cache = batch_select_indices  # the buffers, not only the exposed views, follow a reordering
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized and self._key_buffer is not None:
+            self.batch_select_indices(torch.arange(self._key_buffer.shape[0]).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("bytelift's decoding never crops its KV cache")
