@@ -112,15 +112,16 @@ def _state_or_zeros(state: MLSTMState | None, B: int, H: int, d_qk: int, d_v: in
 def _log_gates(
     i: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate pre-activations -> (log input gate, log forget gate), both (B, H, S) in ``dtype``.
+    """Gate pre-activations (B, H, S) or, for one step, (B, H) -> (log input gate, log forget gate), same
+    shape, in ``dtype``.
 
-    Masked positions (mask (B, S) False) get the neutral gates: log-forget 0 (no decay) and log-input
-    -inf (no write), so the state passes through them unchanged.
+    Masked positions (mask (B, S), or (B,) for one step, False) get the neutral gates: log-forget 0 (no
+    decay) and log-input -inf (no write), so the state passes through them unchanged.
     """
     log_i = i.to(dtype)
     log_f = F.logsigmoid(f.to(dtype))
     if mask is not None:
-        keep = mask[:, None, :]
+        keep = mask[:, None]  # broadcasts over heads
         log_f = torch.where(keep, log_f, 0.0)
         log_i = torch.where(keep, log_i, -math.inf)
     return log_i, log_f
@@ -177,11 +178,7 @@ def mlstm_step(
         n = torch.where(r[..., None], 0.0, n)
         m = torch.where(r, 0.0, m)
     q, k, v = q.to(dtype) * d_qk**-0.5, k.to(dtype), v.to(dtype)
-    log_i, log_f = i.to(dtype), F.logsigmoid(f.to(dtype))  # (B, H)
-    if mask is not None:  # neutral gates, so h reads the kept state
-        keep = mask[:, None]
-        log_f = torch.where(keep, log_f, 0.0)
-        log_i = torch.where(keep, log_i, -math.inf)
+    log_i, log_f = _log_gates(i, f, mask, dtype)  # (B, H); neutral where masked, so h reads the kept state
 
     # Decoding runs this once per byte and layer with tiny tensors, so the op count is the cost: fused
     # multiply-adds (addcmul) and one batched matmul instead of broadcasts and einsums.
