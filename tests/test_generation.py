@@ -358,6 +358,19 @@ def test_cli_generate_prompt_file(model, tmp_path, capsys):
     assert capsys.readouterr().out == "".join(f"=== {i} ===\n{t}\n" for i, t in enumerate(expected))
 
 
+def test_cli_generate_stdin_keeps_invalid_bytes(model, tmp_path, capsys, monkeypatch):
+    """A prompt on stdin with an invalid UTF-8 byte generates as the same bytes given to `generate`."""
+    import io
+
+    from bytelift.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    expected = model.generate([b"bad \xff byte"], max_new_bytes=5, return_dict=True).texts[0]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"bad \xff byte")))
+    assert main(["generate", str(tmp_path / "m"), "--max-new-bytes", "5", "--threads", "1"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_max_patch_bytes(model):
     out = model.generate(["patch caps", "x"], max_new_bytes=30, return_dict=True, eos=False, boundary_bias=-1e9,
                          max_patch_bytes=3)

@@ -40,11 +40,18 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _stdin_text() -> str:
+    """All of stdin; invalid UTF-8 bytes survive (surrogateescape, which the byte tokenizer maps back to the
+    same bytes). A replaced text stream without bytes underneath is read as text."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    return sys.stdin.read() if buffer is None else buffer.read().decode("utf-8", "surrogateescape")
+
+
 def _prompt_lines(path: str) -> list[str]:
     """One prompt per line of the file ('-' = stdin); blank lines are skipped, and invalid UTF-8 bytes survive
-    (surrogateescape, which the byte tokenizer maps back to the same bytes)."""
+    (surrogateescape, as in `_stdin_text`)."""
     if path == "-":
-        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+        text = _stdin_text()
     else:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8", "surrogateescape")
@@ -73,11 +80,11 @@ def _cmd_generate(args) -> int:
         return 2
     prompts = []
     for item in positional:
-        prompts.append(sys.stdin.read() if item == "-" else item)
+        prompts.append(_stdin_text() if item == "-" else item)
     for path in args.file or []:
         prompts.extend(_prompt_lines(path))
     if not prompts:
-        prompts.append(sys.stdin.read())
+        prompts.append(_stdin_text())
     kwargs = dict(
         max_new_bytes=args.max_new_bytes, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=args.stop or None,
