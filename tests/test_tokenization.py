@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -546,3 +547,19 @@ def test_smollm2_vocabulary(smollm2_tokenizer):
     ids = smollm2_tokenizer(CORPUS, add_special_tokens=False)["input_ids"]
     byte_ids, lengths = tok.source_bytes_and_patches(ids)
     assert ids_to_bytes(byte_ids) == CORPUS.encode() and len(lengths) == len(ids)
+
+
+def test_tiny_sentencepiece_tokenizer_is_the_same_in_every_process():
+    """The fast suite's random models are seeded, so their tokenizers must not vary either: two fresh
+    processes build the same vocabulary and merges (the trainer's alphabet cut used to break ties in a
+    per-process hash order, so each run of the suite tested a different tokenizer)."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; sys.path.insert(0, '.'); from tests.tiny_tokenizers import make_sentencepiece_tokenizer; "
+            "t = make_sentencepiece_tokenizer(); m = json.loads(t.backend_tokenizer.to_str())['model']; "
+            "print(json.dumps([sorted(m['vocab'].items()), m['merges']]))")
+    root = Path(__file__).resolve().parent.parent
+    outs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert outs[0] == outs[1] and len(outs[0]) > 1000

@@ -14,6 +14,7 @@ Everything is built from :data:`CORPUS`, a small built-in multilingual + code te
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -105,6 +106,10 @@ SAMPLE_TEXTS: dict[str, str] = {
 }
 
 
+# Characters of the SentencePiece-style tokenizer's alphabet (the rest become <0xNN> byte pieces).
+SP_ALPHABET = 120
+
+
 def _train_lines(repeat: int) -> list[str]:
     return CORPUS.splitlines(keepends=True) * repeat
 
@@ -147,14 +152,20 @@ def make_sentencepiece_tokenizer(vocab_size: int = 700) -> PreTrainedTokenizerFa
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
 
     # 1. Learn pieces and merges on ▁-marked words (SentencePiece trains on whitespace-split words too).
+    # The alphabet is chosen here, by (count, character): the trainer's own `limit_alphabet` cut breaks ties
+    # between equally frequent characters in hash order, so each process got a different vocabulary.
+    lines = _train_lines(4)
+    counts = Counter(ch for line in lines for ch in "▁" + line.replace(" ", "▁"))
+    alphabet = [ch for ch, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:SP_ALPHABET]]
     learner = Tokenizer(models.BPE(unk_token="<unk>"))
     learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     learner.train_from_iterator(
-        _train_lines(4),
+        lines,
         trainers.BpeTrainer(
             vocab_size=vocab_size - len(byte_pieces),
             special_tokens=specials,
-            limit_alphabet=120,
+            initial_alphabet=alphabet,
+            limit_alphabet=len(alphabet),
             show_progress=False,
         ),
     )
