@@ -39,13 +39,19 @@ this AVX2 CPU without bf16 arithmetic (source 113 vs 216 B/s in float32), so flo
 Both batch sizes are bound by the weights: per byte the byteified model reads ~153 MB of fp32 weights (local
 53 MB + global 424 MB / 4.23 bytes per patch) where the source reads ~127 MB (538 MB / 4.23 bytes per token),
 and does ~38 M vs ~32 M multiply-adds per row, so ratios near 0.83 are what equal efficiency gives (the
-reference reports ≈0.83 on a GPU); more needs fewer weight bytes per byte (longer patches:
-`--batches 1,16 --repeats 2 --bytes-per-patch 8` gave 1.09 at batch 1 and 1.25 at batch 16, batch 16 = 7.3×
-batch 1).
+reference reports ≈0.83 on a GPU). Parity at the source's rate needs local weights per byte below the LM
+head's share (N · local ≤ head: 4.23 × 13.4 M > 28.3 M params for SmolLM2). More speed needs fewer weight
+bytes per byte: longer patches (`--batches 1,16 --repeats 2 --bytes-per-patch 8` gave 1.09 at batch 1 and
+1.25 at batch 16, batch 16 = 7.3× batch 1) or a narrower local model (`--local-width 288`, 3.4 M local
+parameters per byte).
+A later run, after the local stacks' decoding step lost its module calls and per-step cache checks
+(`LocalBlock.step`): default width 0.69 / 0.81 / 6.8 (byteified 34.3 B/s at batch 1 as before; the source ran
+at 49.4 B/s that time); `--local-width 288`: 0.88 at batch 1 (46.0 vs 52.1 B/s), 1.19 at batch 16 (311.5 vs
+262.3 B/s), batch 16 = 6.8× batch 1.
 
 The last line printed is one JSON object.
 Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
-       [--boundaries fixed|calibrated] [--bytes-per-patch K]
+       [--boundaries fixed|calibrated] [--bytes-per-patch K] [--local-width D]
 """
 
 from __future__ import annotations
@@ -156,6 +162,9 @@ def main() -> None:
     parser.add_argument("--bytes-per-patch", type=int, default=None,
                         help="fixed mode: close a patch every this many bytes instead of at N (what a "
                              "stage-2 model trained with BPE-style merges reaches; finds the break-even point)")
+    parser.add_argument("--local-width", type=int, default=None,
+                        help="local_hidden_size of the byteified model (default: the source width, as the "
+                             "reference); narrower local models read fewer weight bytes per byte")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,7 +176,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     source, tok = load_source("smollm2-135m")
     source = source.to(dtype).eval()
-    model = ByteliftForCausalLM.from_source("smollm2-135m").to(dtype).eval()  # its own copy of the transformer
+    overrides = {} if args.local_width is None else {"local_hidden_size": args.local_width}
+    model = ByteliftForCausalLM.from_source("smollm2-135m", **overrides).to(dtype).eval()  # own copy of the transformer
     texts = prompts(args.prompt_bytes)
     n_bytes = sum(len(t.encode()) for t in texts)
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
@@ -240,6 +250,7 @@ def main() -> None:
             result["b16_decode_by_sync"] = figures.get("sync16")
     result.update(bytes_per_token=bpt, bytes_per_patch=rate,
                   boundary_bias=bias, threads=torch.get_num_threads(), dtype=args.dtype,
+                  local_width=model.config.local_hidden_size,
                   repeats=args.repeats)
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}))
 

@@ -550,6 +550,31 @@ def test_fused_decoding_equals_unfused(dtype):
     torch.testing.assert_close(y2, _block_step(block, x, state, mask, fused=False)[0], rtol=tol, atol=tol)
 
 
+def test_stack_steps_with_gathered_weights_equal_one_call():
+    """Decoding as the generation loop runs it (weights gathered once, then one `step` per position, with
+    a parked row and a reset) equals the whole sequence in one call, in float64."""
+    torch.manual_seed(0)
+    stack = LocalStack(3, 32, num_heads=4, igate_bias_init=0.0).double()
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9] = False  # row 1 parks at position 9
+    reset = torch.zeros(2, 12, dtype=torch.bool)
+    reset[0, 10] = True  # row 0 starts a new sequence at 10
+    with torch.no_grad():
+        y_full, states_full = stack(x, mask=mask, reset=reset)
+        weights = stack.decode_weights()
+        _, states = stack(x[:, :8], mask=mask[:, :8])
+        ys = []
+        for t in range(8, 12):
+            y, states = stack.step(x[:, t], states, mask=mask[:, t], reset=reset[:, t], weights=weights)
+            ys.append(y)
+    steps = torch.stack(ys, dim=1)
+    assert rel_err(steps[0], y_full[0, 8:]) < F64_TOL
+    assert rel_err(steps[1, [0, 2, 3]], y_full[1, [8, 10, 11]]) < F64_TOL  # a parked position's output is unused
+    for st, st_full in zip(states, states_full):
+        assert rel_err(st.C, st_full.C) < F64_TOL and rel_err(st.m, st_full.m) < F64_TOL
+
+
 def test_fused_weights_follow_weight_changes():
     torch.manual_seed(0)
     block = LocalBlock(32, num_heads=4, ffn_hidden=64, igate_bias_init=0.0)
@@ -564,6 +589,9 @@ def test_fused_weights_follow_weight_changes():
                                _block_step(block, x, None, None, fused=False)[0])
     block.mlstm.k_proj.weight = torch.nn.Parameter(torch.randn(16, 32))  # replaced
     block.load_state_dict({k: v + 0.01 for k, v in block.state_dict().items()})  # loaded (copy_)
+    torch.testing.assert_close(_block_step(block, x, None, None, fused=True)[0],
+                               _block_step(block, x, None, None, fused=False)[0])
+    block.mlstm.gate_soft_cap = 5.0  # a constant folded into the fused weights changed
     torch.testing.assert_close(_block_step(block, x, None, None, fused=True)[0],
                                _block_step(block, x, None, None, fused=False)[0])
     block.double()  # converted (new storages)

@@ -556,7 +556,8 @@ def test_tiny_sentencepiece_tokenizer_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("import json, sys; sys.path.insert(0, '.'); from tests.tiny_tokenizers import make_sentencepiece_tokenizer; "
+    code = ("import json, sys; sys.path.insert(0, '.'); "
+            "from tests.tiny_tokenizers import make_sentencepiece_tokenizer; "
             "t = make_sentencepiece_tokenizer(); m = json.loads(t.backend_tokenizer.to_str())['model']; "
             "print(json.dumps([sorted(m['vocab'].items()), m['merges']]))")
     root = Path(__file__).resolve().parent.parent

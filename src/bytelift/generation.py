@@ -252,6 +252,8 @@ class DecodingSession:
         model, ids, mask = self.model, self.input_ids, self.mask
         B, L = ids.shape
         enc, dec = model.encoder, model.decoder
+        # The local stacks' decoding matrices, gathered once for the whole run (see LocalBlock.step).
+        self.enc_weights, self.dec_weights = enc.layers.decode_weights(), dec.layers.decode_weights()
         # One pass over the whole prompt (see the module docstring): h (B, L, d_l), states after byte L-1.
         h, self.enc_states = enc(ids, self.expanded_ids, mask=mask)
         logp = model.boundary_predictor(h, mask)
@@ -351,10 +353,11 @@ class DecodingSession:
         ready = fresh & ~flag
         if self._global_due():
             ready |= self._global_step()
-        z = self.g_last + model.decoder.in_projection(self.h_last)
-        mask = None if bool(ready.all()) else ready[:, None]
-        x, self.dec_states = model.decoder(z[:, None], mask=mask, states=self.dec_states)
-        logits = model.head(x[:, 0])  # (A, 2·V_b)
+        dec = model.decoder
+        z = torch.addmm(self.g_last, self.h_last, dec.in_projection.weight.t()) + dec.in_projection.bias
+        mask = None if bool(ready.all()) else ready
+        x, self.dec_states = dec.layers.step(z, self.dec_states, mask=mask, weights=self.dec_weights)
+        logits = model.head(x)  # (A, 2·V_b)
         if everyone:
             self.ready = ready
             return logits, ready
@@ -394,9 +397,10 @@ class DecodingSession:
         self.history = shifted if all_fresh else np.where(fresh.cpu().numpy()[:, None], shifted, self.history)
         expanded = torch.from_numpy(self.expander.expand_last(self.history, 1)).to(self.device)
         enc = self.model.encoder
-        x = enc.embed(byte[:, None], expanded)
-        y, self.enc_states = enc.layers(x, states=self.enc_states, mask=None if all_fresh else fresh[:, None])
-        return enc.norm(y[:, 0])
+        x = enc.embed(byte[:, None], expanded)[:, 0]  # (A, d_l)
+        y, self.enc_states = enc.layers.step(x, self.enc_states, mask=None if all_fresh else fresh,
+                                             weights=self.enc_weights)
+        return enc.norm.forward(y)
 
     def _global_due(self) -> bool:
         """The `global_sync` policy: enough unfinished rows wait for the global model."""

@@ -106,6 +106,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _state_or_zeros(state: MLSTMState | None, B: int, H: int, d_qk: int, d_v: int, device, dtype) -> MLSTMState:
     if state is None:
         return MLSTMState.zeros(B, H, d_qk, d_v, device=device, dtype=dtype)
+    if state.C.dtype == state.n.dtype == state.m.dtype == dtype:
+        return state
     return MLSTMState(state.C.to(dtype), state.n.to(dtype), state.m.to(dtype))
 
 
@@ -118,8 +120,8 @@ def _log_gates(
     Masked positions (mask (B, S), or (B,) for one step, False) get the neutral gates: log-forget 0 (no
     decay) and log-input -inf (no write), so the state passes through them unchanged.
     """
-    log_i = i.to(dtype)
-    log_f = F.logsigmoid(f.to(dtype))
+    log_i = i if i.dtype == dtype else i.to(dtype)
+    log_f = F.logsigmoid(f if f.dtype == dtype else f.to(dtype))
     if mask is not None:
         keep = mask[:, None]  # broadcasts over heads
         log_f = torch.where(keep, log_f, 0.0)
@@ -161,12 +163,14 @@ def mlstm_step(
     mask: torch.Tensor | None = None,
     reset: torch.Tensor | None = None,
     eps: float = EPS,
+    q_scale: float | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """One time step (decoding).
 
     q, k: (B, H, d_qk); v: (B, H, d_v); i, f: (B, H) gate pre-activations; state: MLSTMState or None
     (initial state); mask: (B,) bool, False = the row keeps its state bit-exactly; reset: (B,) bool,
-    True = the row starts from the initial state. Returns h (B, H, d_v) in q's dtype and the new state.
+    True = the row starts from the initial state; q_scale: the factor on q (default d_qk^-1/2; 1.0 when
+    the caller's projection already applied it). Returns h (B, H, d_v) in q's dtype and the new state.
     """
     B, H, d_qk = q.shape
     d_v = v.shape[-1]
@@ -177,14 +181,19 @@ def mlstm_step(
         C = torch.where(r[..., None, None], 0.0, C)
         n = torch.where(r[..., None], 0.0, n)
         m = torch.where(r, 0.0, m)
-    q, k, v = q.to(dtype) * d_qk**-0.5, k.to(dtype), v.to(dtype)
+    if in_dtype != dtype:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q_scale = d_qk**-0.5 if q_scale is None else q_scale
+    if q_scale != 1.0:
+        q = q * q_scale
     log_i, log_f = _log_gates(i, f, mask, dtype)  # (B, H); neutral where masked, so h reads the kept state
 
     # Decoding runs this once per byte and layer with tiny tensors, so the op count is the cost: fused
     # multiply-adds (addcmul) and one batched matmul instead of broadcasts and einsums.
+    carried = log_f + m  # (B, H): the old stabiliser after this step's forget gate
     with torch.no_grad():
-        m_new = torch.maximum(log_f + m, log_i)
-    decay = torch.exp(log_f + m - m_new)  # (B, H)
+        m_new = torch.maximum(carried, log_i)
+    decay = torch.exp(carried - m_new)  # (B, H)
     write = torch.exp(log_i - m_new)  # (B, H)
     kw = k * write[..., None]  # (B, H, d_qk)
     C_new = torch.addcmul(C * decay[..., None, None], kw[..., :, None], v[..., None, :])  # (B, H, d_qk, d_v)
@@ -198,7 +207,7 @@ def mlstm_step(
         C_new = torch.where(keep[..., None, None], C_new, C)
         n_new = torch.where(keep[..., None], n_new, n)
         m_new = torch.where(keep, m_new, m)
-    return h.to(in_dtype), MLSTMState(C_new, n_new, m_new)
+    return (h if in_dtype == dtype else h.to(in_dtype)), MLSTMState(C_new, n_new, m_new)
 
 
 def mlstm_recurrent(
@@ -698,8 +707,9 @@ def mlstm_chunkwise_triton(
 
 
 class FusedLinear:
-    """Inference-only concatenation of several ``nn.Linear`` along their outputs: one matmul instead of
-    one per projection (decoding at batch 1 pays per kernel launch and per pass over the weights).
+    """Inference-only concatenation of several ``nn.Linear`` along their outputs, as one (in, Σ out) matrix
+    (`get`): one matmul instead of one per projection (decoding at batch 1 pays per kernel launch and per
+    pass over the weights).
 
     Layout. On the CPU in float32 the weights are kept transposed, (in_features, Σ out_features) contiguous:
     a one-row product streams that layout faster than nn.Linear's (out, in) (measured on this project's
@@ -708,6 +718,10 @@ class FusedLinear:
     transposed one falls off PyTorch's fast CPU kernels (1764×576 fp16, one row: 2.1 ms vs 0.33 ms), and
     on other devices no measurement favours a second copy of the weights.
 
+    ``scales`` (one number per linear, default all 1) multiplies each linear's weight and bias in the cache:
+    constant factors on a projection's output (the mLSTM's 1/sqrt(head width) on q, the 1/cap inside the
+    gates' soft cap) then cost nothing per step. Other scales than the cache's rebuild it.
+
     Not a parameter or buffer (state dicts and checkpoints are untouched) but a cache, rebuilt whenever a
     source weight or bias changed: in place (its version counter moved) or replaced (its storage changed;
     the cache holds aliases of the storages it was built from, so a replaced one's address cannot be
@@ -715,30 +729,32 @@ class FusedLinear:
     """
 
     def __init__(self):
+        self._scales: tuple[float, ...] | None = None
         self._sources: tuple[torch.Tensor, ...] = ()  # aliases of the parameters the cache was built from
         self._versions: tuple[int, ...] = ()
         self.weight_t: torch.Tensor | None = None  # (in_features, Σ out_features), maybe a view of (out, in)
         self.bias: torch.Tensor | None = None  # (Σ out_features,) or None when no linear has a bias
 
-    def __call__(self, x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
-        """x (..., in_features) -> (..., Σ out_features): the linears' outputs side by side, in order."""
-        weight_t, bias = self.get(linears)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    def get(self, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def get(
+        self, linears: tuple[nn.Linear, ...], scales: tuple[float, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> weight_t (in_features, Σ out_features), bias (Σ out_features,) or None."""
         params = tuple(p for lin in linears for p in (lin.weight, lin.bias) if p is not None)
-        if not self._fresh(params):
+        if scales != self._scales or not self._fresh(params):
             # Built as a normal tensor even under inference_mode, so that later no_grad calls may use it.
             with torch.inference_mode(False), torch.no_grad():
-                weight = torch.cat([lin.weight for lin in linears], dim=0)  # (Σ out, in)
-                transposed = weight.device.type == "cpu" and weight.dtype == torch.float32
-                self.weight_t = weight.t().contiguous() if transposed else weight.t()
+                self._scales = scales
+                scales = scales or (1.0,) * len(linears)
+                weights = [lin.weight * s if s != 1.0 else lin.weight for lin, s in zip(linears, scales)]
+                w0 = linears[0].weight
+                if w0.device.type == "cpu" and w0.dtype == torch.float32:
+                    self.weight_t = torch.cat(weights).t().contiguous()  # (in, Σ out)
+                else:  # one linear: a view of its weight (or of its scaled copy), no concatenation
+                    self.weight_t = (weights[0] if len(weights) == 1 else torch.cat(weights)).t()
                 has_bias = any(lin.bias is not None for lin in linears)
                 self.bias = torch.cat([
-                    lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears
+                    lin.bias * s if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                    for lin, s in zip(linears, scales)
                 ]) if has_bias else None
             self._sources = tuple(p.detach() for p in params)
             self._versions = tuple(p._version for p in params)
@@ -764,7 +780,7 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 class MultiHeadLayerNorm(nn.Module):
     """LayerNorm over each head's features separately (mean subtracted, biased variance, float32
     reductions), with one learnable weight per (head, feature) and no bias, as the reference's
-    ``MultiHeadLayerNorm``. (B, S, H, d_head) -> (B, S, H * d_head).
+    ``MultiHeadLayerNorm``. (..., H, d_head) -> (..., H * d_head), e.g. (B, S, H, d_head) -> (B, S, H * d_head).
     """
 
     def __init__(self, num_heads: int, head_dim: int, eps: float = NORM_EPS):
@@ -773,9 +789,9 @@ class MultiHeadLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, H, d = x.shape
-        y = F.layer_norm(x.float(), (d,), eps=self.eps).to(x.dtype)
-        return y.reshape(B, S, H * d) * self.weight
+        """(..., H, d_head) -> (..., H * d_head)."""
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps)
+        return y.to(x.dtype).flatten(-2) * self.weight
 
 
 BACKENDS = ("auto", "parallel", "chunkwise", "recurrent", "triton")
@@ -831,7 +847,8 @@ class MLSTMLayer(nn.Module):
         self.fgate_proj = nn.Linear(d_model, num_heads, bias=True)
         self.head_norm = MultiHeadLayerNorm(num_heads, d_v // num_heads, eps=norm_eps)
         self.out_proj = nn.Linear(d_v, d_model, bias=False)
-        self.fused_in = FusedLinear()  # q, k, v, o-gate, i-gate, f-gate for `_decode_step`
+        self.fused_in = FusedLinear()  # decoding (`step`): q, k, v, o-gate, i-gate, f-gate as one matmul
+        self.fused_out = FusedLinear()  # decoding: out_proj in the layout that reads fastest
         self.reset_gate_biases()
 
     @torch.no_grad()
@@ -860,7 +877,9 @@ class MLSTMLayer(nn.Module):
         """
         B, S, _ = x.shape
         if self.backend == "auto" and _decoding(x):
-            return self._decode_step(x, state, mask, reset)
+            y, state = self.step(x[:, 0], state, None if mask is None else mask[:, 0],
+                                 None if reset is None else reset[:, 0])
+            return y[:, None], state
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         i = soft_cap(self.igate_proj(x), self.gate_soft_cap).transpose(1, 2)  # (B, H, S)
         f = soft_cap(self.fgate_proj(x), self.gate_soft_cap).transpose(1, 2)
@@ -889,26 +908,44 @@ class MLSTMLayer(nn.Module):
         y = self.out_proj(torch.sigmoid(self.ogate_proj(x)) * h)
         return y, state
 
-    def _decode_step(
-        self, x: torch.Tensor, state: MLSTMState | None, mask: torch.Tensor | None, reset: torch.Tensor | None
-    ) -> tuple[torch.Tensor, MLSTMState]:
-        """`forward` for one position without autograd: the six input projections as one matmul (the
-        projections are applied as functions: their module hooks do not run on this path).
+    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The matrices `step` multiplies by: (in_w (d_model, 2·d_qk + 2·d_v + 2·H), in_b or None,
+        out_w (d_v, d_model)). The six input projections are one matrix, with the cell's 1/sqrt(head width)
+        on q and the 1/cap inside the gates' soft cap folded in (see FusedLinear)."""
+        H, cap = self.num_heads, self.gate_soft_cap
+        in_w, in_b = self.fused_in.get(
+            (self.q_proj, self.k_proj, self.v_proj, self.ogate_proj, self.igate_proj, self.fgate_proj),
+            scales=((self.d_qk // H) ** -0.5, 1.0, 1.0, 1.0, 1.0 / cap, 1.0 / cap),
+        )
+        return in_w, in_b, self.fused_out.get((self.out_proj,))[0]
 
-        x: (B, 1, d_model); state; mask, reset: (B, 1) bool or None. Returns y (B, 1, d_model), the state.
+    def step(
+        self,
+        x: torch.Tensor,
+        state: MLSTMState | None,
+        mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, MLSTMState]:
+        """`forward` for one position without autograd (decoding): one matmul in, one out, no module calls
+        (so no module hooks run).
+
+        x: (B, d_model); state; mask, reset: (B,) bool or None; residual: (B, d_model) added to the output
+        inside its matmul (the block's skip connection); weights: `decode_weights()`, gathered once per
+        generate call by the caller (default: gathered here). Returns y (B, d_model), the new state.
         """
         B, H = x.shape[0], self.num_heads
-        proj = self.fused_in(
-            x[:, 0], (self.q_proj, self.k_proj, self.v_proj, self.ogate_proj, self.igate_proj, self.fgate_proj)
-        )  # (B, 2·d_qk + 2·d_v + 2·H)
-        q, k, v, o, _ = proj.split((self.d_qk, self.d_qk, self.d_v, self.d_v, 2 * H), dim=-1)
-        gates = soft_cap(proj[:, -2 * H :], self.gate_soft_cap)  # (B, 2·H): i then f
+        in_w, in_b, out_w = self.decode_weights() if weights is None else weights
+        proj = torch.mm(x, in_w) if in_b is None else torch.addmm(in_b, x, in_w)  # (B, 2·d_qk + 2·d_v + 2·H)
+        q, k, v, o, gates = proj.split((self.d_qk, self.d_qk, self.d_v, self.d_v, 2 * H), dim=-1)
+        gates = torch.tanh(gates) * self.gate_soft_cap  # = soft_cap of the plain projections: i then f
         h, state = mlstm_step(
             q.view(B, H, -1), k.view(B, H, -1), v.view(B, H, -1), gates[:, :H], gates[:, H:], state,
-            mask=None if mask is None else mask[:, 0], reset=None if reset is None else reset[:, 0],
+            mask=mask, reset=reset, q_scale=1.0,
         )
-        h = self.head_norm(h[:, None])  # (B, 1, d_v)
-        return F.linear(torch.sigmoid(o)[:, None] * h, self.out_proj.weight), state
+        h = self.head_norm.forward(h) * torch.sigmoid(o)  # (B, d_v)
+        return (torch.mm(h, out_w) if residual is None else torch.addmm(residual, h, out_w)), state
 
 
 def default_ffn_hidden(d_model: int) -> int:
@@ -925,15 +962,27 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
         self.fused_gate_up = FusedLinear()  # for `decode`
+        self.fused_down = FusedLinear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` for inference (no autograd): gate and up projections as one matmul; the projections'
-        module hooks do not run. (..., d_model) -> (..., d_model)."""
-        gate, up = self.fused_gate_up(x, (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_w (d_model, 2·hidden), down_w (hidden, d_model)): the matrices `decode` multiplies by."""
+        return (self.fused_gate_up.get((self.gate_proj, self.up_proj))[0],
+                self.fused_down.get((self.down_proj,))[0])
+
+    def decode(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`forward` for inference (no autograd): gate and up projections as one matmul, ``residual`` added
+        inside the down projection's matmul; the projections' module hooks do not run.
+        x (B, d_model), residual (B, d_model) or None, weights: `decode_weights()` or None -> (B, d_model)."""
+        gate_up_w, down_w = self.decode_weights() if weights is None else weights
+        gate, up = torch.mm(x, gate_up_w).chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        return torch.mm(h, down_w) if residual is None else torch.addmm(residual, h, down_w)
 
 
 class LocalBlock(nn.Module):
@@ -966,10 +1015,36 @@ class LocalBlock(nn.Module):
         reset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MLSTMState]:
         """x: (B, S, d_model); state, mask, reset as in MLSTMLayer.forward. Returns (y, new_state)."""
+        if self.mlstm.backend == "auto" and _decoding(x):
+            y, state = self.step(x[:, 0], state, None if mask is None else mask[:, 0],
+                                 None if reset is None else reset[:, 0])
+            return y[:, None], state
         h, state = self.mlstm(self.mlstm_norm(x), state, mask=mask, reset=reset)
         x = x + h
-        ffn = self.ffn.decode if _decoding(x) else self.ffn
-        return x + ffn(self.ffn_norm(x)), state
+        return x + self.ffn(self.ffn_norm(x)), state
+
+    def decode_weights(self) -> tuple:
+        """Everything `step` reads from the parameters: (mLSTM norm weight, FFN norm weight, the mLSTM's
+        decode_weights(), the FFN's decode_weights())."""
+        return self.mlstm_norm.weight, self.ffn_norm.weight, self.mlstm.decode_weights(), self.ffn.decode_weights()
+
+    def step(
+        self, x: torch.Tensor, state: MLSTMState | None, mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None, weights: tuple | None = None,
+    ) -> tuple[torch.Tensor, MLSTMState]:
+        """`forward` for one position without autograd (decoding).
+
+        A decoding step of a small block costs more in per-operation overhead than in arithmetic, so this
+        path makes no module calls (no module hooks run), adds both skip connections inside the matmuls,
+        and takes its matrices from ``weights`` (`decode_weights()`, which the decoding loop gathers once
+        per generate call instead of checking every cache at every byte).
+        x: (B, d_model); mask, reset: (B,) bool or None -> (B, d_model), state.
+        """
+        norm1, norm2, mlstm_w, ffn_w = self.decode_weights() if weights is None else weights
+        d = x.shape[-1:]
+        y = F.rms_norm(x, d, norm1, self.mlstm_norm.eps)
+        x, state = self.mlstm.step(y, state, mask, reset, residual=x, weights=mlstm_w)
+        return self.ffn.decode(F.rms_norm(x, d, norm2, self.ffn_norm.eps), residual=x, weights=ffn_w), state
 
 
 class LocalStack(nn.Module):
@@ -987,9 +1062,32 @@ class LocalStack(nn.Module):
         reset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[MLSTMState]]:
         """x: (B, S, d_model); states: list of per-block MLSTMState or None. Returns (y, new_states)."""
+        if _decoding(x) and all(block.mlstm.backend == "auto" for block in self.blocks):
+            y, new_states = self.step(x[:, 0], states, None if mask is None else mask[:, 0],
+                                      None if reset is None else reset[:, 0])
+            return y[:, None], new_states
         states = states if states is not None else [None] * len(self.blocks)
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):
             x, state = block(x, state, mask=mask, reset=reset)
+            new_states.append(state)
+        return x, new_states
+
+    def decode_weights(self) -> list[tuple]:
+        """Every block's `LocalBlock.decode_weights()`: gather once, pass to each `step` of a decoding run."""
+        return [block.decode_weights() for block in self.blocks]
+
+    def step(
+        self, x: torch.Tensor, states: list[MLSTMState] | None = None, mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None, weights: list[tuple] | None = None,
+    ) -> tuple[torch.Tensor, list[MLSTMState]]:
+        """One position through every block without autograd (decoding; see LocalBlock.step).
+        x: (B, d_model); states; mask, reset: (B,) bool or None; weights: `decode_weights()` or None
+        -> y (B, d_model), new states."""
+        states = states if states is not None else [None] * len(self.blocks)
+        weights = self.decode_weights() if weights is None else weights
+        new_states = []
+        for block, state, w in zip(self.blocks, states, weights, strict=True):
+            x, state = block.step(x, state, mask, reset, weights=w)
             new_states.append(state)
         return x, new_states
