@@ -354,7 +354,7 @@ class DecodingSession:
         if self._global_due():
             ready |= self._global_step()
         dec = model.decoder
-        z = torch.addmm(self.g_last, self.h_last, dec.in_projection.weight.t()) + dec.in_projection.bias
+        z = self.g_last + dec.in_projection(self.h_last)
         mask = None if bool(ready.all()) else ready
         x, self.dec_states = dec.layers.step(z, self.dec_states, mask=mask, weights=self.dec_weights)
         logits = model.head(x)  # (A, 2·V_b)

@@ -772,6 +772,13 @@ def _decoding(x: torch.Tensor) -> bool:
     return x.shape[1] == 1 and not torch.is_grad_enabled()
 
 
+def _at_one_position(step, x: torch.Tensor, state, mask: torch.Tensor | None, reset: torch.Tensor | None):
+    """A module's `forward` for one position through its `step`: x (B, 1, d), mask / reset (B, 1) or None
+    -> step(x (B, d), state, mask (B,), reset (B,)) -> (y (B, 1, d), new state)."""
+    y, state = step(x[:, 0], state, None if mask is None else mask[:, 0], None if reset is None else reset[:, 0])
+    return y[:, None], state
+
+
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap): smooth clamp to (-cap, cap), identity near 0."""
     return cap * torch.tanh(x / cap)
@@ -877,9 +884,7 @@ class MLSTMLayer(nn.Module):
         """
         B, S, _ = x.shape
         if self.backend == "auto" and _decoding(x):
-            y, state = self.step(x[:, 0], state, None if mask is None else mask[:, 0],
-                                 None if reset is None else reset[:, 0])
-            return y[:, None], state
+            return _at_one_position(self.step, x, state, mask, reset)
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         i = soft_cap(self.igate_proj(x), self.gate_soft_cap).transpose(1, 2)  # (B, H, S)
         f = soft_cap(self.fgate_proj(x), self.gate_soft_cap).transpose(1, 2)
@@ -1016,9 +1021,7 @@ class LocalBlock(nn.Module):
     ) -> tuple[torch.Tensor, MLSTMState]:
         """x: (B, S, d_model); state, mask, reset as in MLSTMLayer.forward. Returns (y, new_state)."""
         if self.mlstm.backend == "auto" and _decoding(x):
-            y, state = self.step(x[:, 0], state, None if mask is None else mask[:, 0],
-                                 None if reset is None else reset[:, 0])
-            return y[:, None], state
+            return _at_one_position(self.step, x, state, mask, reset)
         h, state = self.mlstm(self.mlstm_norm(x), state, mask=mask, reset=reset)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), state
@@ -1063,9 +1066,7 @@ class LocalStack(nn.Module):
     ) -> tuple[torch.Tensor, list[MLSTMState]]:
         """x: (B, S, d_model); states: list of per-block MLSTMState or None. Returns (y, new_states)."""
         if _decoding(x) and all(block.mlstm.backend == "auto" for block in self.blocks):
-            y, new_states = self.step(x[:, 0], states, None if mask is None else mask[:, 0],
-                                      None if reset is None else reset[:, 0])
-            return y[:, None], new_states
+            return _at_one_position(self.step, x, states, mask, reset)
         states = states if states is not None else [None] * len(self.blocks)
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):
