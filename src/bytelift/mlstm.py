@@ -106,8 +106,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _state_or_zeros(state: MLSTMState | None, B: int, H: int, d_qk: int, d_v: int, device, dtype) -> MLSTMState:
     if state is None:
         return MLSTMState.zeros(B, H, d_qk, d_v, device=device, dtype=dtype)
-    if state.C.dtype == state.n.dtype == state.m.dtype == dtype:
-        return state
     return MLSTMState(state.C.to(dtype), state.n.to(dtype), state.m.to(dtype))
 
 
@@ -120,8 +118,8 @@ def _log_gates(
     Masked positions (mask (B, S), or (B,) for one step, False) get the neutral gates: log-forget 0 (no
     decay) and log-input -inf (no write), so the state passes through them unchanged.
     """
-    log_i = i if i.dtype == dtype else i.to(dtype)
-    log_f = F.logsigmoid(f if f.dtype == dtype else f.to(dtype))
+    log_i = i.to(dtype)
+    log_f = F.logsigmoid(f.to(dtype))
     if mask is not None:
         keep = mask[:, None]  # broadcasts over heads
         log_f = torch.where(keep, log_f, 0.0)
@@ -181,8 +179,7 @@ def mlstm_step(
         C = torch.where(r[..., None, None], 0.0, C)
         n = torch.where(r[..., None], 0.0, n)
         m = torch.where(r, 0.0, m)
-    if in_dtype != dtype:
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     q_scale = d_qk**-0.5 if q_scale is None else q_scale
     if q_scale != 1.0:
         q = q * q_scale
@@ -207,7 +204,7 @@ def mlstm_step(
         C_new = torch.where(keep[..., None, None], C_new, C)
         n_new = torch.where(keep[..., None], n_new, n)
         m_new = torch.where(keep, m_new, m)
-    return (h if in_dtype == dtype else h.to(in_dtype)), MLSTMState(C_new, n_new, m_new)
+    return h.to(in_dtype), MLSTMState(C_new, n_new, m_new)
 
 
 def mlstm_recurrent(
@@ -749,7 +746,7 @@ class FusedLinear:
                 w0 = linears[0].weight
                 if w0.device.type == "cpu" and w0.dtype == torch.float32:
                     self.weight_t = torch.cat(weights).t().contiguous()  # (in, Σ out)
-                else:  # one linear: a view of its weight (or of its scaled copy), no concatenation
+                else:  # the (out, in) layout, as a view; a single linear needs no concatenated copy
                     self.weight_t = (weights[0] if len(weights) == 1 else torch.cat(weights)).t()
                 has_bias = any(lin.bias is not None for lin in linears)
                 self.bias = torch.cat([
