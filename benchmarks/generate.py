@@ -51,7 +51,7 @@ at 49.4 B/s that time); `--local-width 288`: 0.88 at batch 1 (46.0 vs 52.1 B/s),
 
 The last line printed is one JSON object.
 Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
-       [--boundaries fixed|calibrated] [--bytes-per-patch K] [--local-width D]
+       [--boundaries fixed|calibrated] [--bytes-per-patch K] [--local-width D] [--model DIR]
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--local-width", type=int, default=None,
                         help="local_hidden_size of the byteified model (default: the source width, as the "
                              "reference); narrower local models read fewer weight bytes per byte")
+    parser.add_argument("--model", default=None,
+                        help="a trained bytelift model folder: its own boundaries, compared with its source")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,16 +176,22 @@ def main() -> None:
     from bytelift.sources import load_source
 
     dtype = getattr(torch, args.dtype)
-    source, tok = load_source("smollm2-135m")
+    if args.model:
+        model = ByteliftForCausalLM.from_pretrained(args.model).to(dtype).eval()
+        source, tok = load_source(model.config.source_name_or_path)
+    else:
+        source, tok = load_source("smollm2-135m")
+        overrides = {} if args.local_width is None else {"local_hidden_size": args.local_width}
+        model = ByteliftForCausalLM.from_source("smollm2-135m", **overrides).to(dtype).eval()  # own copy of the transformer
     source = source.to(dtype).eval()
-    overrides = {} if args.local_width is None else {"local_hidden_size": args.local_width}
-    model = ByteliftForCausalLM.from_source("smollm2-135m", **overrides).to(dtype).eval()  # own copy of the transformer
     texts = prompts(args.prompt_bytes)
     n_bytes = sum(len(t.encode()) for t in texts)
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     bpt = n_bytes / n_tokens
     new_bytes = round(args.new_tokens * bpt)
-    if args.boundaries == "fixed":
+    if args.model:  # the trained model places its boundaries itself
+        caps, bias, rate = [None], 0.0, None
+    elif args.boundaries == "fixed":
         # The head never closes a patch; the cap closes one every `cap` bytes. At the source's own rate N
         # (not an integer), caps floor(N) and ceil(N) are both measured and interpolated (see the docstring).
         caps = [args.bytes_per_patch] if args.bytes_per_patch else sorted({math.floor(bpt), math.ceil(bpt)})
@@ -198,7 +206,7 @@ def main() -> None:
         batch = (texts * ((b + len(texts) - 1) // len(texts)))[:b]
         pb = sum(len(t.encode()) for t in batch)
         # Fixed boundaries keep all rows in step: the policies coincide, so only the default runs.
-        syncs = [1.0] if b == 1 else [DEFAULT_GLOBAL_SYNC] if args.boundaries == "fixed" else [
+        syncs = [1.0] if b == 1 else [DEFAULT_GLOBAL_SYNC] if args.boundaries == "fixed" and not args.model else [
             1.0, DEFAULT_GLOBAL_SYNC, 1e-3]
         default_sync = 1.0 if b == 1 else DEFAULT_GLOBAL_SYNC
         # Repeats alternate the models, and each configuration keeps its fastest prefill and its fastest
@@ -228,7 +236,8 @@ def main() -> None:
             if len(caps) > 1:
                 rows.append((b, "byteified (interp.)", sync, pre, dec, f"{rate:.2f}", ""))
             if sync == default_sync:
-                figures[b] = dict(src_pre=src_pre, src_dec=src_dec, pre=pre, dec=dec)
+                figures[b] = dict(src_pre=src_pre, src_dec=src_dec, pre=pre, dec=dec,
+                                  bpp=1 / max(info[sync, caps[-1]][0], 1e-9))
             figures.setdefault(f"sync{b}", {})[sync] = dec
 
     print(f"{'batch':>5} {'model':<20} {'sync':>6} {'prefill B/s':>12} {'decode B/s':>11} {'B/patch':>8} "
@@ -246,9 +255,10 @@ def main() -> None:
                       source_decode_bytes_s_b16=f16["src_dec"])
         if 1 in figures:
             result["batch16_vs_batch1"] = f16["dec"] / figures[1]["dec"]
-        if args.boundaries == "calibrated":
+        if args.boundaries == "calibrated" or args.model:
             result["b16_decode_by_sync"] = figures.get("sync16")
-    result.update(bytes_per_token=bpt, bytes_per_patch=rate,
+    measured = {f"b{b}": round(f["bpp"], 3) for b, f in figures.items() if isinstance(b, int)}
+    result.update(bytes_per_token=bpt, bytes_per_patch=rate or measured, model=args.model or "untrained",
                   boundary_bias=bias, threads=torch.get_num_threads(), dtype=args.dtype,
                   local_width=model.config.local_hidden_size,
                   repeats=args.repeats)

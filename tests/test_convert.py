@@ -29,7 +29,7 @@ def tiny_job(tmp_path_factory, bytelevel_tokenizer):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(40))}) + "\n")
     cfg = ConvertConfig(
         source=str(root / "source"), data=[str(root / "corpus.jsonl")], output=str(root / "out"),
-        stage1_steps=6, stage2_steps=4, window_tokens=32, heldout_fraction=0.1, eval=TINY_EVAL,
+        stage1_steps=6, stage2_steps=5, window_tokens=32, heldout_fraction=0.1, eval=TINY_EVAL,
         model={"local_heads": 4}, samples=("Hello", "The"), sample_bytes=8,
     )
     lines: list[str] = []
@@ -85,6 +85,49 @@ def test_convert_resumes_an_interrupted_stage(tiny_job, tmp_path):
     assert (out / "stage1" / "model.safetensors").read_bytes() == stage1_weights
     assert any(line.startswith("stage 2") for line in lines)
     assert not any(line.startswith("stage 1") for line in lines)
+
+
+def test_convert_stage2_from_a_given_stage1_with_merged_patches(tiny_job, tmp_path):
+    """--stage1-from skips stage 1 (its budget goes to stage 2); --bytes-per-patch makes stage 2 train on
+    merged patches: its logged boundary targets hold more bytes per patch than the plain run's."""
+    root, cfg, _, _ = tiny_job
+    stage1 = root / "out" / "stage1"
+    out = tmp_path / "merged"
+    lines: list[str] = []
+    convert(ConvertConfig(**{**cfg.__dict__, "output": str(out), "model": {}, "stage1_from": str(stage1),
+                             "target_bytes_per_patch": 12.0}), log=lines.append)
+    assert not (out / "stage1").exists()
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["done"]["stage1"] == {"from": str(stage1)}
+    s2 = json.loads((out / "stage2" / "bytelift_train_config.json").read_text())
+    assert s2["init_from"] == str(stage1) and s2["target_bytes_per_patch"] == 12.0
+
+    def target_ratio(folder):
+        rows = [json.loads(line) for line in (folder / "stage2" / "log.jsonl").read_text().splitlines()]
+        return [r["target_bytes_per_patch"] for r in rows if "target_bytes_per_patch" in r]
+
+    plain, merged = target_ratio(root / "out"), target_ratio(out)
+    assert plain and merged and min(merged) > max(plain) + 1.0
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_convert_stage1_from_checks(tiny_job, tmp_path):
+    root, cfg, _, _ = tiny_job
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        convert(ConvertConfig(**{**cfg.__dict__, "output": str(tmp_path / "a"), "model": {},
+                                 "stage1_from": str(tmp_path)}), log=lambda s: None)
+    with pytest.raises(ValueError, match="stage-1 model"):  # overrides would be silently ignored
+        convert(ConvertConfig(**{**cfg.__dict__, "output": str(tmp_path / "b"),
+                                 "stage1_from": str(root / "out" / "stage1")}), log=lambda s: None)
+
+
+def test_cli_convert_passes_the_stage2_options(monkeypatch, tmp_path):
+    import bytelift.convert
+
+    seen = {}
+    monkeypatch.setattr(bytelift.convert, "convert", lambda cfg: seen.setdefault("cfg", cfg))
+    assert main(["convert", "--output", str(tmp_path), "--stage1-from", "s1", "--bytes-per-patch", "7.5"]) == 0
+    assert seen["cfg"].stage1_from == "s1" and seen["cfg"].target_bytes_per_patch == 7.5
 
 
 def test_cli_eval_and_show(tiny_job, tmp_path, capsys):

@@ -189,7 +189,8 @@ def _cmd_convert(args) -> int:
 
     torch_threads(args.threads)
     values = {k: getattr(args, k) for k in ("source", "output", "budget_minutes", "eval_minutes", "seed",
-                                           "window_tokens", "batch_size", "stage1_steps", "stage2_steps")
+                                           "window_tokens", "batch_size", "stage1_steps", "stage2_steps",
+                                           "target_bytes_per_patch", "stage1_from")
               if getattr(args, k) is not None}
     cfg = ConvertConfig(**values, data=list(args.data or []), resume=args.resume)
     if args.output is None and args.source is not None:
@@ -287,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-minutes", dest="eval_minutes", type=float, help="reserve for evaluation and samples (default 6)")
     p.add_argument("--stage1-steps", dest="stage1_steps", type=int, help="fixed steps instead of time")
     p.add_argument("--stage2-steps", dest="stage2_steps", type=int, help="fixed steps instead of time")
+    p.add_argument("--stage1-from", dest="stage1_from",
+                   help="start stage 2 from this finished stage-1 model folder (stage 1 is skipped)")
+    p.add_argument("--bytes-per-patch", dest="target_bytes_per_patch", type=float,
+                   help="stage 2 merges patches up to this many bytes each (default: the source's tokens); "
+                        "longer patches generate faster")
     p.add_argument("--window-tokens", dest="window_tokens", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--seed", type=int)

@@ -61,6 +61,12 @@ class ConvertConfig:
     batch_size: int = 4
     heldout_fraction: float = 0.01
     char_skill_rate: float = 0.1  # stage 2
+    # Stage 2 merges adjacent patches BPE-style up to this many bytes per patch (None: the source's tokens).
+    # Longer patches mean fewer global steps per byte, hence faster generation (benchmarks/generate.py).
+    target_bytes_per_patch: float | None = None
+    # A finished stage-1 model folder to start stage 2 from: stage 1 is skipped and the training budget
+    # goes to stage 2 (several stage-2 variants can share one distillation).
+    stage1_from: str | None = None
     seed: int = 0
     resume: bool = False
     samples: tuple[str, ...] = SAMPLE_PROMPTS
@@ -139,6 +145,12 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
             if not state.done(stage):
                 spent_before += _log_minutes(output / stage)
     deadline = start + 60 * max(cfg.budget_minutes - spent_before, 0.0)
+    if cfg.stage1_from is not None:
+        from bytelift.modeling import check_model_folder
+
+        check_model_folder(cfg.stage1_from)
+        if cfg.model:
+            raise ValueError("model overrides shape stage 1; they cannot apply to a given stage-1 model (stage1_from)")
     (output / "convert_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
 
     # 1. corpus
@@ -158,6 +170,10 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
                   save_steps=25, save_total_limit=1, eval_steps=10**9, eval_windows=8)
 
     # 2. stage 1
+    stage1_dir = output / "stage1" if cfg.stage1_from is None else Path(cfg.stage1_from)
+    if cfg.stage1_from is not None and not state.done("stage1"):
+        state.mark("stage1", 0.0, {"from": str(stage1_dir)})
+        log(f"stage 1: using the finished stage-1 model in {stage1_dir}")
     if not state.done("stage1"):
         t = time.time()
         minutes = max(cfg.stage1_share * training_minutes_left(), MIN_STAGE_MINUTES)
@@ -173,9 +189,10 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
         t = time.time()
         minutes = max(training_minutes_left(), MIN_STAGE_MINUTES)
         log(f"stage 2: end-to-end training ({_budget(cfg.stage2_steps, minutes)})")
-        metrics = train(TrainConfig(stage=2, init_from=str(output / "stage1"), output=str(output / "stage2"),
+        metrics = train(TrainConfig(stage=2, init_from=str(stage1_dir), output=str(output / "stage2"),
                                     max_steps=cfg.stage2_steps, max_minutes=None if cfg.stage2_steps else minutes,
-                                    char_skill_rate=cfg.char_skill_rate, **common))
+                                    char_skill_rate=cfg.char_skill_rate,
+                                    target_bytes_per_patch=cfg.target_bytes_per_patch, **common))
         state.mark("stage2", _minutes_since(t), _brief(metrics))
         log(f"stage 2 done in {_minutes_since(t):.1f} min: {_brief(metrics)}")
 
