@@ -430,6 +430,60 @@ def test_growing_kv_layer_equals_dynamic_layer(monkeypatch):
         assert torch.equal(ours.update(k, k[..., :6])[0], theirs.update(k, k[..., :6])[0]), op
 
 
+def test_growing_kv_layer_step_of_some_rows():
+    """A forward of rows (1, 3) of 4 (`step_rows`): their new slot is written, the other rows' entries are
+    zeros, and the layer returns those rows' keys and values: as HF's layer given the full batch."""
+    torch.manual_seed(0)
+    ours, theirs = GrowingKVLayer(), DynamicLayer()
+    k, v = torch.randn(4, 2, 3, 8), torch.randn(4, 2, 3, 6)
+    ours.update(k, v)
+    theirs.update(k, v)
+    rows = torch.tensor([1, 3])
+    k1, v1 = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 6)
+    full_k, full_v = torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 6)
+    full_k[rows], full_v[rows] = k1, v1
+    ours._key_buffer.fill_(float("nan"))  # the spare slots: whatever memory held
+    ours._key_buffer[..., :3, :] = k
+    ours.step_rows = rows
+    k_ours, v_ours = ours.update(k1, v1)
+    ours.step_rows = None
+    k_theirs, v_theirs = theirs.update(full_k, full_v)
+    assert torch.equal(k_ours, k_theirs[rows]) and torch.equal(v_ours, v_theirs[rows])
+    assert torch.equal(ours.keys, k_theirs) and torch.equal(ours.values, v_theirs)
+    assert ours.get_seq_length() == 4
+    with pytest.raises(TypeError, match="GrowingKVLayer"):
+        with generation.computing_rows(type("C", (), {"layers": [DynamicLayer()]})(), rows):
+            pass
+
+
+@pytest.mark.parametrize("global_sync", [1e-3, 0.5])
+def test_global_step_computes_only_the_waiting_rows(model, monkeypatch, global_sync):
+    """Without parking, a global step runs the transformer on the rows that closed a patch alone: over
+    the decoding, computed rows = patches served, where a batch-wide step computes every row each time;
+    and each row still equals itself alone."""
+    computed = []
+    forward = model.global_model.forward
+
+    def counting(*args, **kwargs):
+        computed.append(kwargs["inputs_embeds"].shape[:2])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.global_model, "forward", counting)
+    monkeypatch.setattr(generation, "DROP_FINISHED_ROWS", False)
+    out = model.generate(MIXED_PROMPTS, max_new_bytes=24, return_dict=True, eos=False, global_sync=global_sync)
+    B = len(MIXED_PROMPTS)
+    prefill, decode = computed[0], computed[1:]
+    assert prefill[0] == B and len(decode) == out.global_steps and all(n == 1 for _, n in decode)
+    rows = sum(r for r, _ in decode)
+    # Every computed row served one closed patch (the forced byte's or a new byte's): at most all of them.
+    assert rows <= int(out.prompt_boundaries[:, -1].sum() + out.boundaries.sum())
+    assert rows < B * len(decode)  # some steps left rows out
+    monkeypatch.setattr(model.global_model, "forward", forward)
+    for r, prompt in enumerate(MIXED_PROMPTS):
+        alone = model.generate([prompt], max_new_bytes=24, return_dict=True, eos=False)
+        assert torch.equal(alone.new_ids[0], out.new_ids[r]), prompt
+
+
 def test_global_cache_layer_types(bytelevel_tokenizer, sentencepiece_tokenizer):
     """Full-attention layers append in place; sliding-window layers keep HF's windowed layer."""
     llama = _model(bytelevel_tokenizer).global_model.config

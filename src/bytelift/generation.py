@@ -13,18 +13,18 @@ byte (h_{L-1} and the mLSTM state after it). The reference runs the encoder twic
 Decoding, per byte: one encoder step and one decoder step (recurrent mLSTM, S = 1), and a global step
 (one new KV slot) when a patch closed. Boundaries while decoding come from the head's fused ids.
 
-Batching (rows at different patch positions). Every global step appends one KV slot for *all* rows; the
-slot is marked valid in the global attention mask only for rows that closed a patch, and each row gets
-explicit `position_ids` = its own count of valid patches. So every row attends to exactly its own
-patches at exactly its own positions, whatever the other rows do: a row's output equals the row alone
-(up to float rounding of batched matmuls). *When* the global model runs is a policy, `global_sync`:
-the fraction of unfinished rows that must be waiting (closed a patch) before it runs. 1.0 parks rows
-that closed a patch until every row has (the reference's scheme: the fewest global steps); a tiny value
-runs it whenever any row closed a patch (no parking, but the global model runs for the whole batch
-nearly every byte). In between, 0.5 (the default) runs it once half the unfinished rows wait. Measured on
-2 busy CPU cores (benchmarks/generate.py, batch 16): 0.5 beats both extremes by ~40%: parking idles rows
-(a round lasts as long as the longest patch of 16 rows), no parking runs the batch-wide global step
-nearly every byte. All three are identical at batch 1.
+Batching (rows at different patch positions). Every global step appends one KV slot; the slot is marked
+valid in the global attention mask only for rows that closed a patch, and each row gets explicit
+`position_ids` = its own count of valid patches. So every row attends to exactly its own patches at
+exactly its own positions, whatever the other rows do: a row's output equals the row alone (up to float
+rounding of batched matmuls). The transformer runs on the waiting rows alone (`computing_rows`: their
+inputs, their KV rows; the slot holds zeros for the others), so a step costs what its closed patches
+cost. *When* the global model runs is a policy, `global_sync`: the fraction of unfinished rows that must
+be waiting (closed a patch) before it runs. 1.0 parks rows that closed a patch until every row has (the
+reference's scheme: the fewest global steps, but a round lasts as long as the longest patch of the
+batch); a tiny value runs it whenever any row closed a patch (no parking, a global step nearly every
+byte); 0.5 (the default) in between. Measurements are in DEFAULT_GLOBAL_SYNC's comment. All three are
+identical at batch 1.
 Prompt patches are left-padded in the global prefill (as the reference), so with parking the cache has
 no holes after the prefill; that keeps sliding-window sources exact (their windows count KV slots), and
 for them `global_sync` is forced to 1.0.
@@ -51,6 +51,7 @@ import codecs
 import math
 import queue
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +71,13 @@ from bytelift.mlstm import MLSTMState
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID
 
 # Batching policy: the global model runs once at least this fraction of the unfinished rows closed a patch
-# (see the module docstring). Measured on SmolLM2, 2 busy CPU cores, batch 16, ~3.5 bytes/patch
-# (benchmarks/generate.py): 1.0 (park) 52 B/s, 0.5 74 B/s, 1e-3 (masked slots, no parking) 54 B/s.
+# (see the module docstring). Measured with benchmarks/generate.py, decode bytes/s for 1.0 (park) / 0.5 /
+# 1e-3 (no parking): an untrained SmolLM2 conversion with a biased head (patch lengths varying widely
+# between rows), 2 busy CPU cores, batch 16: 52 / 74 / 54 (the global step then computed every row).
+# SmolLM2 after the 30-minute `bytelift convert` (its own boundaries, 4.3-4.4 bytes/patch), one thread,
+# global step on the waiting rows only: batch 4: 67.9 / 62.8 / 60.2, batch 16: 242.5 / 234.6 / 109.3
+# (with every row computed, same run: 70.5 / 50.3 / 40.4 and 192.9 / 199.3 / 72.0). 0.5 stays within a
+# few percent of parking when rows close patches alike, and avoids its 30% loss when they do not.
 DEFAULT_GLOBAL_SYNC = 0.5
 # Default number of new bytes (≈ 16 source tokens of English).
 DEFAULT_MAX_NEW_BYTES = 64
@@ -122,29 +128,45 @@ class GrowingKVLayer(DynamicLayer):
     Shapes (B, H_kv, S, d_head) as DynamicLayer; only growth and `batch_select_indices` copy.
     """
 
+    # Rows (R,) of the batch that the current forward computes; None: all of them. Set by `computing_rows`.
+    step_rows: torch.Tensor | None = None
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._filled = 0
         self._key_buffer = self._value_buffer = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """key_states (B, H_kv, S, d_k), value_states (B, H_kv, S, d_v) -> all keys and values so far."""
+        """key_states (R, H_kv, S, d_k), value_states (R, H_kv, S, d_v) -> all keys and values so far of
+        those R rows: every row (R = B), or the rows `step_rows` when set (see `computing_rows`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self._filled, self._filled + key_states.shape[-2]
         if self._key_buffer is None or end > self._key_buffer.shape[-2]:
             self._key_buffer = self._grown(self._key_buffer, key_states, end)
             self._value_buffer = self._grown(self._value_buffer, value_states, end)
-        self._key_buffer[..., start:end, :] = key_states
-        self._value_buffer[..., start:end, :] = value_states
+        rows = self.step_rows
+        if rows is None:
+            self._key_buffer[..., start:end, :] = key_states
+            self._value_buffer[..., start:end, :] = value_states
+        else:
+            # The other rows' entries in these slots are never attended to (masked), but they must be
+            # finite: a masked score's zero weight times a NaN value would still be NaN.
+            self._key_buffer[..., start:end, :] = 0
+            self._value_buffer[..., start:end, :] = 0
+            self._key_buffer[rows, :, start:end] = key_states
+            self._value_buffer[rows, :, start:end] = value_states
         self._filled = end
         self._expose()
-        return self.keys, self.values
+        if rows is None:
+            return self.keys, self.values
+        return self._key_buffer[rows, :, :end], self._value_buffer[rows, :, :end]
 
     def _grown(self, buffer: torch.Tensor | None, new: torch.Tensor, needed: int) -> torch.Tensor:
         """A buffer of needed + max(KV_MIN_SPARE, needed // 4) slots holding the filled part of `buffer`."""
         capacity = needed + max(KV_MIN_SPARE, needed // 4)
-        grown = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+        rows = new.shape[0] if buffer is None else buffer.shape[0]  # `new` may hold only the step's rows
+        grown = new.new_empty(rows, *new.shape[1:-2], capacity, new.shape[-1])
         if buffer is not None and self._filled:
             grown[..., : self._filled, :] = buffer[..., : self._filled, :]
         return grown
@@ -176,6 +198,23 @@ def _global_cache(config) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingKVLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+@contextmanager
+def computing_rows(cache: DynamicCache, rows: torch.Tensor):
+    """Within the block, a forward through the cache's model computes only the batch rows `rows` (R,):
+    its inputs hold those R rows, its new KV slots are written to those rows (zeros elsewhere), and each
+    layer returns those rows' keys and values. Needs every layer to be a GrowingKVLayer."""
+    layers = cache.layers
+    if not all(isinstance(layer, GrowingKVLayer) for layer in layers):
+        raise TypeError("computing_rows needs a cache of GrowingKVLayer layers")
+    for layer in layers:
+        layer.step_rows = rows
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.step_rows = None
 
 
 def _uses_sliding_window(config) -> bool:
@@ -279,6 +318,9 @@ class DecodingSession:
         self.kv_mask = torch.zeros(B, capacity, dtype=torch.long, device=self.device)
         self.num_slots = P
         self.cache = _global_cache(model.global_model.config)
+        # A global step can compute only the rows it serves (`computing_rows`) when every layer appends in
+        # place; sliding-window layers (HF's) cannot, and there `global_sync` is 1.0 anyway.
+        self.rows_computable = all(isinstance(layer, GrowingKVLayer) for layer in self.cache.layers)
         d_l = model.config.local_hidden_size
         if P == 0:  # nothing to run: every prompt is bos alone
             self.g_last = h.new_zeros(B, d_l)
@@ -411,36 +453,48 @@ class DecodingSession:
         return waiting >= math.ceil(self.global_sync * unfinished - 1e-9)
 
     def _global_step(self) -> torch.Tensor:
-        """Append one KV slot for every computed row, valid for the waiting rows. Returns the rows served (A,)."""
+        """Append one KV slot, valid for the waiting rows, computed for them alone (`computing_rows`) when
+        some rows do not wait; returns the rows served (A,)."""
         served = self.waiting
+        self.waiting = torch.zeros_like(self.waiting)
         if self.max_patches is not None:  # a row whose context is full stops instead
             full = served & (self.n_patches >= self.max_patches)  # (A,)
             if bool(full.any()):
                 self.finished[self.rows[full]] = True
                 served = served & ~full
+                if not bool(served.any()):
+                    return served
         if self.num_slots == self.kv_mask.shape[1]:
             self.kv_mask = torch.cat([self.kv_mask, torch.zeros_like(self.kv_mask[:, :SLOT_BLOCK])], dim=1)
         self.kv_mask[:, self.num_slots] = served.long()
         self.num_slots += 1
-        g = self._run_global(self.h_last[:, None], self.n_patches[:, None])[:, 0]
-        self.g_last = torch.where(served[:, None], self._depool_global(g), self.g_last)
+        if bool(served.all()) or not self.rows_computable:
+            g = self._run_global(self.h_last[:, None], self.n_patches[:, None])[:, 0]
+            self.g_last = torch.where(served[:, None], self._depool_global(g), self.g_last)
+        else:  # the other rows would be computed for nothing
+            idx = served.nonzero()[:, 0]  # (R,)
+            with computing_rows(self.cache, idx):
+                g = self._run_global(self.h_last[idx, None], self.n_patches[idx, None], rows=idx)[:, 0]
+            self.g_last = self.g_last.index_copy(0, idx, self._depool_global(g))
         self.n_patches = self.n_patches + served.long()
-        self.waiting = torch.zeros_like(self.waiting)
         self.global_steps += 1
         return served
 
-    def _run_global(self, patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """(B, P, d_l) pooled states, (B, P) positions -> (B, P, d_g) global outputs; appends P KV slots.
+    def _run_global(self, patches: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """(R, P, d_l) pooled states, (R, P) positions -> (R, P, d_g) global outputs; appends P KV slots.
 
+        R = A (every computed row), or the rows `rows` (R,) inside `computing_rows`.
         Not `model.run_global`: its context check counts KV slots, which exceed a row's patch count when
         rows idle (invalid slots); here each row's own patch count is checked instead.
         """
         model = self.model
         embeds = model.pooling_projection(patches)
         dtype = next(model.global_model.parameters()).dtype
+        kv_mask = self.kv_mask[:, : self.num_slots]
         out = model.global_model(
             inputs_embeds=embeds.to(dtype),
-            attention_mask=self.kv_mask[:, : self.num_slots],
+            attention_mask=kv_mask if rows is None else kv_mask[rows],
             position_ids=position_ids,
             use_cache=True,
             **{model._cache_argument: self.cache},
