@@ -144,6 +144,21 @@ def test_padding_does_not_change_step_logits(model):
     torch.testing.assert_close(torch.stack(both[0]), torch.stack(alone[0]), rtol=0, atol=1e-5)
 
 
+def test_first_global_step_with_an_empty_cache_serves_some_rows(model, monkeypatch):
+    """The predictor closed no patch in any prompt, so the KV cache is still empty when the first row
+    closes one (the other row has not): that step sizes the cache for every row, and both rows still
+    get what they get alone."""
+    monkeypatch.setattr(model, "predict_boundaries", lambda logp, mask: torch.zeros_like(mask, dtype=torch.bool))
+    fused = lambda text, flags: [ord(c) + BYTE_OFFSET + BYTE_VOCAB_SIZE * f for c, f in zip(text, flags)]
+    conts = [fused("dxyzw", [1, 0, 1, 0, 1]), fused("hpqrs", [0, 0, 1, 1, 0])]
+    prompts = ["abcd", "fgh"]
+    _, session, both = _teacher_force(model, prompts, conts, 1e-3)
+    assert session.cache.get_seq_length() > 0
+    for r, (prompt, cont) in enumerate(zip(prompts, conts)):
+        _, _, alone = _teacher_force(model, [prompt], [cont], 1e-3)
+        torch.testing.assert_close(torch.stack(both[r]), torch.stack(alone[0]), rtol=0, atol=1e-5)
+
+
 def test_empty_prompt_generates_from_bos(model):
     out = model.generate([""], max_new_bytes=10, return_dict=True, eos=False)
     assert out.sequences[0, 0].item() == 1 and out.num_new_bytes.item() == 10

@@ -468,7 +468,8 @@ class DecodingSession:
             self.kv_mask = torch.cat([self.kv_mask, torch.zeros_like(self.kv_mask[:, :SLOT_BLOCK])], dim=1)
         self.kv_mask[:, self.num_slots] = served.long()
         self.num_slots += 1
-        if bool(served.all()) or not self.rows_computable:
+        # The first slot of a still empty cache (no prompt had a patch) sizes the buffers: every row.
+        if bool(served.all()) or not self.rows_computable or self.num_slots == 1:
             g = self._run_global(self.h_last[:, None], self.n_patches[:, None])[:, 0]
             self.g_last = torch.where(served[:, None], self._depool_global(g), self.g_last)
         else:  # the other rows would be computed for nothing
