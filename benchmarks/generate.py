@@ -54,8 +54,9 @@ at batch 16): batch 1 0.90 (44.8 vs 49.6 B/s; a second run, `--batches 1`: 0.82,
 global step on the waiting rows only, `--batches 4,16 --repeats 2`, new and old code back to back: batch 16
 234.6 vs 199.3 B/s at the default policy (ratio 0.79 vs 0.72), 109.3 vs 72.0 without parking; batch 4
 62.8 vs 50.3 and 60.2 vs 40.4 (parking, unchanged: 67.9 vs 70.5). A stage 2 trained with merged patches
-(`bytelift convert --bytes-per-patch 8`, 54 steps) closed almost no patch while generating, so its
-figures (2.1 at batch 1) measure a model that barely runs its global model, not a faster good model.
+(`--bytes-per-patch 8`, 54 and 216 steps) closed almost no patch while generating at the default
+threshold (one per 270 bytes at batch 1, one per 20-23 at batch 16), so its figures (2.0-2.1 at batch 1)
+measure a model that barely runs its global model, not a faster good model (see the README).
 
 The last line printed is one JSON object.
 Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
