@@ -49,8 +49,9 @@ A later run, after the local stacks' decoding step lost its module calls and per
 at 49.4 B/s that time); `--local-width 288`: 0.88 at batch 1 (46.0 vs 52.1 B/s), 1.19 at batch 16 (311.5 vs
 262.3 B/s), batch 16 = 6.8× batch 1.
 `--model` on the 30-minute `bytelift convert` model (its own boundaries: 4.43 bytes/patch at batch 1, 4.33
-at batch 16): batch 1 0.90 (44.8 vs 49.6 B/s; a second run, `--batches 1`: 0.82, 36.5 vs 44.5); batch 16 with the global step on every row (before
-`computing_rows`): 0.66 (default policy; 181.4 / 168.2 / 64.7 B/s for sync 1.0 / 0.5 / 1e-3). With the
+at batch 16): batch 1 0.90 (44.8 vs 49.6 B/s; a second run, `--batches 1`: 0.82, 36.5 vs 44.5); batch 16
+with the global step on every row (before `computing_rows`): 0.66 (default policy; 181.4 / 168.2 / 64.7
+B/s for sync 1.0 / 0.5 / 1e-3). With the
 global step on the waiting rows only, `--batches 4,16 --repeats 2`, new and old code back to back: batch 16
 234.6 vs 199.3 B/s at the default policy (ratio 0.79 vs 0.72), 109.3 vs 72.0 without parking; batch 4
 62.8 vs 50.3 and 60.2 vs 40.4 (parking, unchanged: 67.9 vs 70.5). A stage 2 trained with merged patches

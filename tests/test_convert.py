@@ -116,6 +116,7 @@ def test_convert_stage1_from_checks(tiny_job, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         convert(ConvertConfig(**{**cfg.__dict__, "output": str(tmp_path / "a"), "model": {},
                                  "stage1_from": str(tmp_path)}), log=lambda s: None)
+    assert not (tmp_path / "a").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="stage-1 model"):  # overrides would be silently ignored
         convert(ConvertConfig(**{**cfg.__dict__, "output": str(tmp_path / "b"),
                                  "stage1_from": str(root / "out" / "stage1")}), log=lambda s: None)

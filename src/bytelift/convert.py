@@ -135,6 +135,12 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
     from bytelift.corpus import build_default_corpus
     from bytelift.training import TrainConfig, train
 
+    if cfg.stage1_from is not None:  # checked before anything is written
+        from bytelift.modeling import check_model_folder
+
+        check_model_folder(cfg.stage1_from)
+        if cfg.model:
+            raise ValueError("model overrides shape stage 1; they cannot apply to a given stage-1 model (stage1_from)")
     start = time.time()
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -145,12 +151,6 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
             if not state.done(stage):
                 spent_before += _log_minutes(output / stage)
     deadline = start + 60 * max(cfg.budget_minutes - spent_before, 0.0)
-    if cfg.stage1_from is not None:
-        from bytelift.modeling import check_model_folder
-
-        check_model_folder(cfg.stage1_from)
-        if cfg.model:
-            raise ValueError("model overrides shape stage 1; they cannot apply to a given stage-1 model (stage1_from)")
     (output / "convert_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
 
     # 1. corpus
