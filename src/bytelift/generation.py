@@ -51,7 +51,7 @@ import codecs
 import math
 import queue
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,14 +200,19 @@ def _global_cache(config) -> DynamicCache:
     return cache
 
 
+def _appends_in_place(cache: DynamicCache) -> bool:
+    """Every layer of the cache is a GrowingKVLayer (so a forward may compute some rows only)."""
+    return all(isinstance(layer, GrowingKVLayer) for layer in cache.layers)
+
+
 @contextmanager
 def computing_rows(cache: DynamicCache, rows: torch.Tensor):
     """Within the block, a forward through the cache's model computes only the batch rows `rows` (R,):
     its inputs hold those R rows, its new KV slots are written to those rows (zeros elsewhere), and each
     layer returns those rows' keys and values. Needs every layer to be a GrowingKVLayer."""
-    layers = cache.layers
-    if not all(isinstance(layer, GrowingKVLayer) for layer in layers):
+    if not _appends_in_place(cache):
         raise TypeError("computing_rows needs a cache of GrowingKVLayer layers")
+    layers = cache.layers
     for layer in layers:
         layer.step_rows = rows
     try:
@@ -320,7 +325,7 @@ class DecodingSession:
         self.cache = _global_cache(model.global_model.config)
         # A global step can compute only the rows it serves (`computing_rows`) when every layer appends in
         # place; sliding-window layers (HF's) cannot, and there `global_sync` is 1.0 anyway.
-        self.rows_computable = all(isinstance(layer, GrowingKVLayer) for layer in self.cache.layers)
+        self.rows_computable = _appends_in_place(self.cache)
         d_l = model.config.local_hidden_size
         if P == 0:  # nothing to run: every prompt is bos alone
             self.g_last = h.new_zeros(B, d_l)
@@ -474,8 +479,7 @@ class DecodingSession:
             self.g_last = torch.where(served[:, None], self._depool_global(g), self.g_last)
         else:  # the other rows would be computed for nothing
             idx = served.nonzero()[:, 0]  # (R,)
-            with computing_rows(self.cache, idx):
-                g = self._run_global(self.h_last[idx, None], self.n_patches[idx, None], rows=idx)[:, 0]
+            g = self._run_global(self.h_last[idx, None], self.n_patches[idx, None], rows=idx)[:, 0]
             self.g_last = self.g_last.index_copy(0, idx, self._depool_global(g))
         self.n_patches = self.n_patches + served.long()
         self.global_steps += 1
@@ -485,7 +489,7 @@ class DecodingSession:
                     ) -> torch.Tensor:
         """(R, P, d_l) pooled states, (R, P) positions -> (R, P, d_g) global outputs; appends P KV slots.
 
-        R = A (every computed row), or the rows `rows` (R,) inside `computing_rows`.
+        R = A (every computed row), or the rows `rows` (R,) alone (through `computing_rows`).
         Not `model.run_global`: its context check counts KV slots, which exceed a row's patch count when
         rows idle (invalid slots); here each row's own patch count is checked instead.
         """
@@ -493,13 +497,14 @@ class DecodingSession:
         embeds = model.pooling_projection(patches)
         dtype = next(model.global_model.parameters()).dtype
         kv_mask = self.kv_mask[:, : self.num_slots]
-        out = model.global_model(
-            inputs_embeds=embeds.to(dtype),
-            attention_mask=kv_mask if rows is None else kv_mask[rows],
-            position_ids=position_ids,
-            use_cache=True,
-            **{model._cache_argument: self.cache},
-        )
+        with nullcontext() if rows is None else computing_rows(self.cache, rows):
+            out = model.global_model(
+                inputs_embeds=embeds.to(dtype),
+                attention_mask=kv_mask if rows is None else kv_mask[rows],
+                position_ids=position_ids,
+                use_cache=True,
+                **{model._cache_argument: self.cache},
+            )
         return out.last_hidden_state.to(patches.dtype)
 
     def _depool_global(self, g: torch.Tensor) -> torch.Tensor:
