@@ -61,7 +61,7 @@ measure a model that barely runs its global model, not a faster good model (see 
 
 The last line printed is one JSON object.
 Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
-       [--boundaries fixed|calibrated] [--bytes-per-patch K] [--local-width D] [--model DIR]
+       [--boundaries fixed|calibrated] [--bytes-per-patch K] [--local-width D] [--model DIR] [--sample]
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ import torch
 PATCH_CAP_FACTOR = 3
 # Boundary bias that switches the head's boundary decisions off (fixed-length patches).
 NEVER = -1e9
+# `--sample`: both models sample at this temperature (no top-k / top-p), seeded.
+TEMPERATURE = 0.8
+SEED = 0
 
 PROMPT_MODULES = [
     "textwrap", "json", "argparse", "collections", "functools", "itertools", "pathlib", "subprocess",
@@ -101,7 +104,7 @@ def timed(fn):
     return time.perf_counter() - t, result
 
 
-def bench_source(model, tok, texts, new_tokens):
+def bench_source(model, tok, texts, new_tokens, sample=False):
     """-> (prefill seconds, prefill + decode seconds) of one run."""
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -110,14 +113,19 @@ def bench_source(model, tok, texts, new_tokens):
     with torch.inference_mode():
         # The prompt pass as `generate` runs it: logits of the last position only.
         t_pre, _ = timed(lambda: model(**batch, logits_to_keep=1))
+        torch.manual_seed(SEED)
+        sampling = dict(do_sample=True, temperature=TEMPERATURE, top_k=0) if sample else dict(do_sample=False)
         t_gen, _ = timed(lambda: model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                do_sample=False, pad_token_id=tok.pad_token_id))
+                                                pad_token_id=tok.pad_token_id, **sampling))
     return t_pre, t_gen
 
 
-def bench_byte(model, texts, new_bytes, bias, cap, sync):
-    """-> (prefill seconds, prefill + decode seconds, boundary rate of the new bytes, global steps) of one run."""
+def bench_byte(model, texts, new_bytes, bias, cap, sync, sample=False):
+    """-> (prefill seconds, prefill + decode seconds, boundary rate of the new bytes, global steps) of one run.
+    bias None: the model's own decode_boundary_bias."""
     kwargs = dict(boundary_bias=bias, max_patch_bytes=cap, eos=False, global_sync=sync)
+    if sample:
+        kwargs.update(do_sample=True, temperature=TEMPERATURE, seed=SEED)
     with torch.inference_mode():
         t_pre, _ = timed(lambda: model.generate(texts, max_new_bytes=0, **kwargs))
         t_gen, out = timed(lambda: model.generate(texts, max_new_bytes=new_bytes, return_dict=True, **kwargs))
@@ -176,7 +184,11 @@ def main() -> None:
                         help="local_hidden_size of the byteified model (default: the source width, as the "
                              "reference); narrower local models read fewer weight bytes per byte")
     parser.add_argument("--model", default=None,
-                        help="a trained bytelift model folder: its own boundaries, compared with its source")
+                        help="a trained bytelift model folder: its own boundaries (at its calibrated "
+                             "decode_boundary_bias), compared with its source")
+    parser.add_argument("--sample", action="store_true",
+                        help=f"both models sample (temperature {TEMPERATURE}, seeded) instead of greedy decoding: "
+                             "a trained model's patches then follow ordinary text, not greedy loops")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,8 +211,8 @@ def main() -> None:
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     bpt = n_bytes / n_tokens
     new_bytes = round(args.new_tokens * bpt)
-    if args.model:  # the trained model places its boundaries itself
-        caps, bias, rate = [None], 0.0, None
+    if args.model:  # the trained model places its boundaries itself, at its calibrated threshold
+        caps, bias, rate = [None], None, None
     elif args.boundaries == "fixed":
         # The head never closes a patch; the cap closes one every `cap` bytes. At the source's own rate N
         # (not an integer), caps floor(N) and ceil(N) are both measured and interpolated (see the docstring).
@@ -208,8 +220,10 @@ def main() -> None:
         bias, rate = NEVER, args.bytes_per_patch or bpt
     else:
         caps, bias, rate = [PATCH_CAP_FACTOR * round(bpt)], calibrate_bias(model, texts, bpt), None
+    shown_bias = model.config.decode_boundary_bias if bias is None else bias
     print(f"{args.dtype} | threads {torch.get_num_threads()} | source bytes/token {bpt:.3f} | {args.new_tokens} new "
-          f"tokens = {new_bytes} new bytes | boundary bias {bias:+.2f}, patches capped at {caps} bytes")
+          f"tokens = {new_bytes} new bytes | boundary bias {shown_bias:+.2f}, patches capped at {caps} bytes | "
+          f"{'sampling' if args.sample else 'greedy'}")
 
     rows, figures = [], {}
     for b in [int(x) for x in args.batches.split(",")]:
@@ -223,13 +237,13 @@ def main() -> None:
         # prefill + decode (interference on a shared machine only ever slows a run down); decode time is
         # their difference. One warm-up prompt pass per model first.
         src_t, byte_t, info = [math.inf, math.inf], {}, {}
-        bench_source(source, tok, batch, 1)
-        bench_byte(model, batch, 1, bias, caps[0], syncs[0])
+        bench_source(source, tok, batch, 1, args.sample)
+        bench_byte(model, batch, 1, bias, caps[0], syncs[0], args.sample)
         for r in range(args.repeats):
-            src_t = [min(a, t) for a, t in zip(src_t, bench_source(source, tok, batch, args.new_tokens))]
+            src_t = [min(a, t) for a, t in zip(src_t, bench_source(source, tok, batch, args.new_tokens, args.sample))]
             for sync in syncs:
                 for cap in caps:
-                    t_pre, t_gen, got, steps = bench_byte(model, batch, new_bytes, bias, cap, sync)
+                    t_pre, t_gen, got, steps = bench_byte(model, batch, new_bytes, bias, cap, sync, args.sample)
                     old = byte_t.get((sync, cap), [math.inf, math.inf])
                     byte_t[sync, cap] = [min(old[0], t_pre), min(old[1], t_gen)]
                     info[sync, cap] = (got, steps)
@@ -269,7 +283,7 @@ def main() -> None:
             result["b16_decode_by_sync"] = figures.get("sync16")
     measured = {f"b{b}": round(f["bpp"], 3) for b, f in figures.items() if isinstance(b, int)}
     result.update(bytes_per_token=bpt, bytes_per_patch=rate or measured, model=args.model or "untrained",
-                  boundary_bias=bias, threads=torch.get_num_threads(), dtype=args.dtype,
+                  boundary_bias=shown_bias, sample=args.sample, threads=torch.get_num_threads(), dtype=args.dtype,
                   local_width=model.config.local_hidden_size,
                   repeats=args.repeats)
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}))

@@ -58,6 +58,26 @@ def test_byte_bits_per_byte_of_uniform_head(pair):
     assert bpb == pytest.approx(-sum(s.logprob for s in scored) / math.log(2) / total)
 
 
+def test_score_decoding(pair, monkeypatch):
+    model, _ = pair
+    texts = ["hello world", "a", "héllo ☃", b"bad \xff byte"]
+    lengths = [len(t.encode()) if isinstance(t, str) else len(t) for t in texts]
+    scorer = ByteScorer(copy.deepcopy(model))
+    with torch.no_grad():
+        scorer.model.lm_head.weight.zero_()  # uniform head: every byte has folded probability 2 / (2·V_b)
+    for s, n in zip(scorer.score_decoding(texts), lengths):
+        assert s.n_bytes == n and s.boundaries.shape == (n,)
+        assert s.logprob == pytest.approx(-n * math.log(BYTE_VOCAB_SIZE), rel=1e-5)
+    # Rows decode the same in any batch; the model's decoding bias sets the boundaries.
+    scorer = ByteScorer(model)
+    together, alone = scorer.score_decoding(texts), scorer.score_decoding(texts, batch_size=1)
+    for a, b in zip(together, alone):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+        assert np.array_equal(a.boundaries, b.boundaries)
+    monkeypatch.setattr(model.config, "decode_boundary_bias", 1e9)
+    assert all(s.boundaries.all() for s in scorer.score_decoding(texts))
+
+
 def test_byte_score_of_continuation_only_counts_its_bytes(pair):
     model, _ = pair
     scorer = ByteScorer(model)
@@ -196,6 +216,8 @@ def test_evaluate_and_report(pair, tmp_path):
     assert r["items"] == {"heldout": 3, "lambada": 2, "hellaswag": 2, "characters": 15}
     assert r["heldout"]["bits_per_byte"]["byteified"] > 0
     assert 0 <= r["heldout"]["boundaries"]["f1"] <= 1
+    dec = r["heldout"]["decoding"]
+    assert dec["bits_per_byte"] > 0 and dec["bytes_per_patch"] >= 1 and dec["boundary_bias"] == 0.0
     assert len(r["characters"]["tasks"]) == 15  # 14 CUTE-style tasks + string_operations
     log = tmp_path / "stage1" / "log.jsonl"
     log.parent.mkdir()
@@ -204,7 +226,7 @@ def test_evaluate_and_report(pair, tmp_path):
     saved = json.loads(written["json"].read_text())
     assert saved["heldout"]["bits_per_byte"] == r["heldout"]["bits_per_byte"]
     md = written["markdown"].read_text()
-    assert "| HellaSwag acc_norm |" in md and "| held-out bits/byte" in md
+    assert "| HellaSwag acc_norm |" in md and "| held-out bits/byte" in md and "as generation segments it" in md
     for key in ("tasks_plot", "curves_plot"):
         assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown(r) == md

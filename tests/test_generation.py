@@ -538,3 +538,129 @@ def test_forced_last_prompt_byte(model):
         assert symbols[-1] == 1 + BYTE_VOCAB_SIZE
         flips = session.forced_symbols(session.prefill(), boundary_bias=-1e9)
         assert (flips[:-1] < BYTE_VOCAB_SIZE).all()
+
+
+# --- the decoding threshold: decoding_logprobs and calibrate_boundary_bias -------------------------------
+
+
+def _bos_prompts(n):
+    from bytelift.tokenization import BOS_ID
+
+    return torch.full((n, 1), BOS_ID, dtype=torch.long)
+
+
+def _right_padded(model, texts):
+    rows = [torch.tensor(list(t.encode()), dtype=torch.long) + BYTE_OFFSET for t in texts]
+    out = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = row
+    return out
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.7])
+def test_decoding_logprobs_equal_full_forward_with_the_heads_boundaries(model, bias):
+    # Teacher-forced decoding scores each byte with the folded distribution and closes patches with the
+    # head's flag (+ bias): the full forward given those boundaries must give the same log-probs, and its
+    # logits must take the same flag decisions (self-consistency of the causal segmentation).
+    texts = ["The quick brown fox jumps", "def f(x):\n    return x", "ab"]
+    conts = _right_padded(model, texts)
+    d = generation.decoding_logprobs(model, _bos_prompts(len(texts)), None, None, conts, boundary_bias=bias)
+    for r, t in enumerate(texts):
+        n = len(t.encode())
+        assert int(d.scored[r]) == n and not d.flags[r, n:].any() and (d.logprobs[r, n:] == 0).all()
+        ids = torch.cat([_bos_prompts(1)[0], conts[r, :n]])[None]
+        bm = torch.cat([torch.tensor([True]), d.flags[r, :n]])[None]  # bos always closes its patch
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(ids, boundary_mask=bm).logits[0, :-1].float(), dim=-1)
+        nxt = ids[0, 1:]
+        plain, fused = logp.gather(1, nxt[:, None])[:, 0], logp.gather(1, (nxt + BYTE_VOCAB_SIZE)[:, None])[:, 0]
+        torch.testing.assert_close(d.logprobs[r, :n], torch.logaddexp(plain, fused), rtol=0, atol=CACHED_ATOL)
+        torch.testing.assert_close(d.logodds[r, :n], fused - plain, rtol=0, atol=CACHED_ATOL)
+        assert torch.equal(d.flags[r, :n], fused - plain + bias > 0)
+    assert d.flags.any() and not d.flags.all()  # the case is not degenerate
+    # A row scores the same alone as in the batch.
+    alone = generation.decoding_logprobs(model, _bos_prompts(1), None, None, conts[2:, :2], boundary_bias=bias)
+    torch.testing.assert_close(alone.logprobs[0], d.logprobs[2, :2], rtol=0, atol=CACHED_ATOL)
+
+
+def test_decoding_logprobs_default_to_the_models_bias(model, monkeypatch):
+    conts = _right_padded(model, ["hello there"])
+    monkeypatch.setattr(model.config, "decode_boundary_bias", 1e9)
+    assert generation.decoding_logprobs(model, _bos_prompts(1), None, None, conts).flags[0].all()
+    monkeypatch.setattr(model.config, "decode_boundary_bias", -1e9)
+    assert not generation.decoding_logprobs(model, _bos_prompts(1), None, None, conts).flags[0].any()
+
+
+def test_generate_uses_the_models_decoding_bias(model, monkeypatch):
+    prompts = ["Hello", "def f("]
+    for bias in (-1e9, 0.8, 1e9):
+        monkeypatch.setattr(model.config, "decode_boundary_bias", bias)
+        default = model.generate(prompts, max_new_bytes=12, return_dict=True)
+        monkeypatch.setattr(model.config, "decode_boundary_bias", 0.0)
+        given = model.generate(prompts, max_new_bytes=12, return_dict=True, boundary_bias=bias)
+        assert torch.equal(default.boundaries, given.boundaries) and torch.equal(default.new_ids, given.new_ids)
+        if abs(bias) > 1:  # every new byte closes a patch, or none does
+            assert default.boundaries.all() if bias > 0 else not default.boundaries.any()
+
+
+def test_calibrate_boundary_bias_matches_the_predictors_rate(model):
+    texts = ["The history of the city begins in the year", "def fibonacci(n):\n    return n", "Once upon a time"]
+    batches = [model.tokenizer(texts[:2], padding=True, return_tensors="pt"),
+               model.tokenizer(texts[2:], padding=True, return_tensors="pt")]
+    cal = generation.calibrate_boundary_bias(model, batches, tolerance=0.05)
+    # The target: the predictor's patch ends per decided byte (bos and each text's last byte excluded).
+    ends = decided = 0
+    for t in texts:
+        enc = model.tokenizer([t], return_tensors="pt")
+        with torch.inference_mode():
+            bm = model(**{k: enc[k] for k in ("input_ids", "attention_mask", "expanded_ids")}).boundary_mask[0]
+        ends += int(bm[1:-1].sum())
+        decided += len(bm) - 2
+    assert cal.target_rate == pytest.approx(ends / decided)
+    assert cal.positions == sum(len(t.encode()) for t in texts)
+    assert cal.trials[0][0] == 0.0 and (cal.bias, cal.rate) in cal.trials
+    # The reported rate is decoding's at the chosen bias, and it is the closest of the trials.
+    conts = _right_padded(model, texts)
+    d = generation.decoding_logprobs(model, _bos_prompts(len(texts)), None, None, conts, boundary_bias=cal.bias)
+    assert cal.rate == pytest.approx(float(d.flags.sum()) / cal.positions)
+    assert abs(cal.rate - cal.target_rate) == min(abs(r - cal.target_rate) for _, r in cal.trials)
+    # With 60 bytes the rate moves in steps of 1/60: within one step of the target, or within tolerance.
+    assert abs(cal.rate - cal.target_rate) <= max(0.05 * cal.target_rate, 1.5 / cal.positions)
+    # A head pushed towards "ends a patch" (+3 on every fused logit): the search moves the bias down to
+    # the same rate.
+    def push(module, args, out):
+        return torch.cat([out[..., :BYTE_VOCAB_SIZE], out[..., BYTE_VOCAB_SIZE:] + 3.0], dim=-1)
+
+    handle = model.lm_head.register_forward_hook(push)
+    try:
+        pushed = generation.calibrate_boundary_bias(model, batches, tolerance=0.05)
+    finally:
+        handle.remove()
+    assert pushed.trials[0][1] > cal.trials[0][1]
+    assert pushed.bias < -1.0
+    assert abs(pushed.rate - pushed.target_rate) <= max(0.05 * pushed.target_rate, 1.5 / pushed.positions)
+    assert generation.calibrate_boundary_bias(model, batches, max_bytes=40).positions == 40
+
+
+def test_cli_calibrate(model, tmp_path, capsys):
+    import json
+
+    from bytelift.cli import main
+
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox."}) + "\n" for i in range(40)))
+    args = ["calibrate", str(folder), "--data", str(corpus), "--heldout-fraction", "0.2", "--docs", "4",
+            "--threads", "1"]
+    assert main(args + ["--dry-run"]) == 0
+    assert "decode_boundary_bias +0.0000 ->" in capsys.readouterr().out
+    assert json.loads((folder / "config.json").read_text()).get("decode_boundary_bias", 0.0) == 0.0
+    assert main(args) == 0
+    written = ByteliftForCausalLM.from_pretrained(folder).config.decode_boundary_bias
+    assert f"-> {written:+.4f}" in capsys.readouterr().out
+    assert main(["calibrate", str(folder), "--bias", "1.25"]) == 0
+    reloaded = ByteliftForCausalLM.from_pretrained(folder)
+    assert reloaded.config.decode_boundary_bias == 1.25
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)  # only the config changed
+    assert main(["calibrate", str(tmp_path / "nowhere")]) == 2

@@ -87,6 +87,11 @@ def test_stage2_from_stage1_with_merges(tiny_run):
     assert "eval_bits_per_byte" in metrics
     before = AutoModelForCausalLM.from_pretrained(tiny_run / "s1")
     after = AutoModelForCausalLM.from_pretrained(tiny_run / "s2")
+    # The decoding threshold was calibrated and saved with the model (both stages).
+    assert after.config.decode_boundary_bias == metrics["decode_boundary_bias"]
+    assert metrics["decode_bytes_per_patch"] >= 1
+    assert json.loads((tiny_run / "s1" / "train_metrics.json").read_text())["decode_boundary_bias"] == \
+        before.config.decode_boundary_bias
     # Everything trains in stage 2, the global model included.
     assert not torch.equal(before.global_model.layers[0].mlp.up_proj.weight, after.global_model.layers[0].mlp.up_proj.weight)
 
@@ -182,6 +187,8 @@ def test_torchrun_two_processes_stay_in_sync(mode, tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["ranks_in_sync"] is True
+    # The decoding threshold is calibrated on each rank's whole model; FSDP's shards cannot decode.
+    assert ("decode_boundary_bias" in metrics) == (mode != "fsdp")
     if mode == "ddp_timed":
         assert metrics["train_runtime"] < 0.15 * 60 + 60
         return

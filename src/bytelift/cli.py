@@ -167,6 +167,52 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from bytelift.evaluation import tasks as T
+    from bytelift.evaluation.runner import default_heldout_data, torch_threads
+    from bytelift.generation import calibrate_boundary_bias
+    from bytelift.modeling import ByteliftForCausalLM, check_model_folder
+
+    torch_threads(args.threads)
+    try:
+        check_model_folder(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"bytelift calibrate: {err}", file=sys.stderr)
+        return 2
+    config_file = Path(args.model) / "config.json"
+    config = json.loads(config_file.read_text())
+    if args.bias is not None:
+        bias = args.bias
+        print(f"decode_boundary_bias {config.get('decode_boundary_bias', 0.0):+.4f} -> {bias:+.4f} (given)")
+    else:
+        model = ByteliftForCausalLM.from_pretrained(args.model).eval()
+        data = args.data or default_heldout_data()
+        texts = T.heldout_texts(data, args.docs, args.doc_bytes, args.heldout_fraction)
+        if not texts:
+            print(f"bytelift calibrate: no held-out documents in {data}", file=sys.stderr)
+            return 2
+        size = 8
+        batches = (model.tokenizer(texts[i : i + size], padding=True, return_tensors="pt")
+                   for i in range(0, len(texts), size))
+        cal = calibrate_boundary_bias(model, batches)
+        bias = cal.bias
+        tried = ", ".join(f"{b:+.3f}: {1 / max(r, 1e-9):.2f}" for b, r in cal.trials)
+        print(f"the predictor makes {1 / max(cal.target_rate, 1e-9):.2f} bytes/patch on {cal.positions} held-out "
+              f"bytes; decoding them (bias: bytes/patch) {tried}; decode_boundary_bias "
+              f"{config.get('decode_boundary_bias', 0.0):+.4f} -> {bias:+.4f}")
+    if args.dry_run:
+        return 0
+    config["decode_boundary_bias"] = bias
+    tmp = config_file.with_suffix(".json.tmp")  # a crash cannot leave a half-written config
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
+    print(f"wrote {config_file}")
+    return 0
+
+
 def _cmd_show(args) -> int:
     from bytelift.evaluation.show import show
 
@@ -285,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="txt/jsonl/parquet files or folders (default: the built-in corpus)")
     p.add_argument("--output", help="output folder (default runs/<source>-bytes)")
     p.add_argument("--budget-minutes", dest="budget_minutes", type=float, help="whole job (default 30)")
-    p.add_argument("--eval-minutes", dest="eval_minutes", type=float, help="reserve for evaluation and samples (default 6)")
+    p.add_argument("--eval-minutes", dest="eval_minutes", type=float, help="reserve for evaluation and samples (default 7)")
     p.add_argument("--stage1-steps", dest="stage1_steps", type=int, help="fixed steps instead of time")
     p.add_argument("--stage2-steps", dest="stage2_steps", type=int, help="fixed steps instead of time")
     p.add_argument("--stage1-from", dest="stage1_from",
@@ -311,6 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     _add_eval_counts(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "calibrate", help="set a model's decoding threshold so that generation closes patches at the trained rate",
+        description="Training calibrates at its end; this re-does it on other text, or sets a given bias.",
+    )
+    p.add_argument("model", help="a bytelift model folder (its config.json is updated)")
+    p.add_argument("--data", nargs="+", help="corpus whose held-out split is read (default: built-in corpus)")
+    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=float, default=0.01,
+                   help="as in training (0.01)")
+    p.add_argument("--docs", type=int, default=32, help="held-out documents read (default 32)")
+    p.add_argument("--doc-bytes", dest="doc_bytes", type=int, default=512,
+                   help="bytes per document (512; 8 KB in all are decoded, 16 rows at a time)")
+    p.add_argument("--bias", type=float, help="set this decode_boundary_bias instead (0: the reference's 1/2)")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="report, do not write")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("show", help="show predicted patch boundaries against the source tokenizer's tokens")
     p.add_argument("model", help="a bytelift model folder")

@@ -35,6 +35,9 @@ class ByteliftConfig(PreTrainedConfig):
         boundary_threshold: byte t ends a patch iff p_t > this (reference 0.5).
         boundary_lookahead: bytes of lookahead of the non-causal boundary predictor (reference 1).
         boundary_cos_eps: cos is clipped to 1 − eps before log(1 − cos) so log p stays finite (reference 1e-3).
+        decode_boundary_bias: added to the head's end-of-patch log-odds while decoding (0: the reference, a
+            byte closes its patch iff p(end | byte) > 1/2). Training sets it (`calibrate_boundary_bias`) so
+            that decoding closes patches as often as the predictor does on the same text.
         source_name_or_path: where the source came from (informational).
     """
 
@@ -57,6 +60,7 @@ class ByteliftConfig(PreTrainedConfig):
     boundary_threshold: float = 0.5
     boundary_lookahead: int = 1
     boundary_cos_eps: float = 1e-3
+    decode_boundary_bias: float = 0.0
     pooling_init_samples: int = 8192
     source_name_or_path: str | None = None
     tie_word_embeddings: bool = False

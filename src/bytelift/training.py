@@ -9,6 +9,7 @@ DDP/FSDP under torchrun, TensorBoard when installed, JSONL logs).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -79,6 +80,9 @@ class TrainConfig:
     char_skill_rate: float = 0.0  # stage 2: fraction of character-skill documents mixed in
     target_bytes_per_patch: float | None = None  # stage 2: merge boundaries up to this ratio
     max_minutes: float | None = None  # wall-clock budget: stop (and save) once it is spent
+    # After training, set the model's decode_boundary_bias so that decoding closes patches at the rate the
+    # predictor does (generation.calibrate_boundary_bias; ~1 min for SmolLM2 on 2 CPU cores).
+    calibrate_decoding: bool = True
     fsdp: bool = False
     resume: bool = False
     model: dict[str, Any] = field(default_factory=dict)  # ByteliftConfig overrides (stage 1)
@@ -399,6 +403,22 @@ class ByteliftTrainer(Trainer):
         self.log(metrics)
         return metrics
 
+    def calibrate_decoding(self):
+        """Set the model's `decode_boundary_bias` (see `generation.calibrate_boundary_bias`) from the
+        held-out windows (training windows when there is no held-out split); returns the calibration."""
+        from bytelift.generation import calibrate_boundary_bias
+
+        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        batches = itertools.islice(self.get_eval_dataloader(dataset),
+                                   max(1, self.run_config.eval_windows // self.args.per_device_eval_batch_size))
+        model = self._byte_model()
+        was_training = model.training
+        model.eval()
+        calibration = calibrate_boundary_bias(model, batches)
+        model.train(was_training)
+        model.config.decode_boundary_bias = calibration.bias
+        return calibration
+
 
 @torch.no_grad()
 def evaluate_heldout(model: ByteliftForCausalLM, batches, teacher_forced: bool, max_batches: int) -> dict[str, float]:
@@ -560,6 +580,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         done = [e for e in trainer.state.log_history if e.get("step") == step and "eval_bits_per_byte" in e]
         metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")} if done else trainer.evaluate())
     metrics["ranks_in_sync"] = ranks_in_sync(trainer._byte_model())
+    if cfg.calibrate_decoding and cfg.fsdp:  # decoding reads whole weights; FSDP holds shards of them
+        print("calibrate_decoding skipped under FSDP: run `bytelift calibrate` on the saved model")
+    elif cfg.calibrate_decoding:  # the threshold is saved with the model: generate() decodes at the trained rate
+        start = time.perf_counter()
+        calibration = trainer.calibrate_decoding()
+        metrics.update(decode_boundary_bias=calibration.bias, decode_bytes_per_patch=1 / max(calibration.rate, 1e-9),
+                       decode_bytes_per_patch_uncalibrated=1 / max(calibration.trials[0][1], 1e-9),
+                       decode_calibration_seconds=round(time.perf_counter() - start, 1))
     trainer.save_model(cfg.output)  # the final model sits at the top of the output folder
     if trainer.args.should_save:
         _write_json_atomically(Path(cfg.output) / "train_metrics.json", metrics)

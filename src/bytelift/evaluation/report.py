@@ -31,6 +31,12 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         rows.append(("boundary precision / recall / F1 vs source tokens",
                      f"{b['precision']:.3f} / {b['recall']:.3f} / {b['f1']:.3f}", "–"))
         rows.append(("bytes per patch (byteified) / per token (source)", b["bytes_per_patch"], b["bytes_per_token"]))
+        if "decoding" in h:
+            d = h["decoding"]
+            rows.append(("held-out bits/byte as generation segments it (head's flags)", d["bits_per_byte"],
+                         h["bits_per_byte"]["source"]))
+            rows.append(("  bytes per patch while decoding / boundary bias", d["bytes_per_patch"],
+                         f"bias {d['boundary_bias']:+.3f}"))
     if "lambada" in results:
         r = results["lambada"]
         rows.append(("LAMBADA greedy last-word accuracy", r["accuracy"]["byteified"], r["accuracy"]["source"]))

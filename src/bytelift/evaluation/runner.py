@@ -6,7 +6,8 @@
 Sections (each optional through its item count):
 - held-out text: bits per byte (see `scoring` for why the joint, not the folded, likelihood is the
   headline) and their ratio; the predictor's boundary precision/recall/F1 against the source tokenizer and
-  mean bytes per patch vs bytes per token, on the same bytes;
+  mean bytes per patch vs bytes per token, on the same bytes; the same bytes scored as generation
+  segments them (the head's flags at the model's decoding threshold): bits per byte and bytes per patch;
 - LAMBADA: bits per byte of the last word and greedy last-word accuracy;
 - HellaSwag: acc_norm (log-likelihood per byte of each ending);
 - character suite: `basic_skills_string_operations` and CUTE-style tasks, greedy exact match.
@@ -41,6 +42,8 @@ class EvalConfig:
     text_field: str = "text"
     heldout_docs: int = 16
     heldout_bytes: int = 1024  # each held-out document is cut to this many bytes
+    # Also score the held-out bytes as decoding segments them (the head's flags; ~1 min for SmolLM2).
+    heldout_decoding: bool = True
     lambada: int = 60
     hellaswag: int = 30
     cute_per_task: int = 4  # × 14 tasks
@@ -142,13 +145,24 @@ def _eval_heldout(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, 
     items["heldout"] = len(pairs)
     b, s = byte.score(pairs), source.score(pairs)
     bpb_b, bpb_s = bits_per_byte(b), bits_per_byte(s)
-    return {
+    out = {
         "bits_per_byte": _pair(bpb_b, bpb_s),
         "bits_per_byte_folded": _pair(bits_per_byte(b, folded=True), bpb_s),
         "bits_per_byte_ratio": bpb_b / bpb_s if bpb_s else float("nan"),
         "bytes": sum(x.n_bytes for x in b),
         "boundaries": boundary_agreement([x.boundaries for x in b], [ends for _, ends in segmented]),
     }
+    if cfg.heldout_decoding:
+        # The same bytes scored as generation segments them: patches closed by the head, not the predictor.
+        d = byte.score_decoding([cont for _, cont in pairs])
+        agreement = boundary_agreement([x.boundaries for x in d], [ends[: x.n_bytes] for x, (_, ends) in zip(d, segmented)])
+        out["decoding"] = {
+            "bits_per_byte": bits_per_byte(d),
+            "bytes_per_patch": agreement["bytes_per_patch"],
+            "boundary_f1": agreement["f1"],
+            "boundary_bias": float(byte.model.config.decode_boundary_bias),
+        }
+    return out
 
 
 def _eval_lambada(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict) -> dict[str, Any]:
@@ -213,7 +227,9 @@ def summary_line(section: str, r: dict[str, Any]) -> str:
         bnd = r["boundaries"]
         return (f"bits/byte {r['bits_per_byte']['byteified']:.3f} vs source {r['bits_per_byte']['source']:.3f} "
                 f"(ratio {r['bits_per_byte_ratio']:.3f}); boundary F1 {bnd['f1']:.3f}, "
-                f"{bnd['bytes_per_patch']:.2f} bytes/patch vs {bnd['bytes_per_token']:.2f} bytes/token")
+                f"{bnd['bytes_per_patch']:.2f} bytes/patch vs {bnd['bytes_per_token']:.2f} bytes/token"
+                + (f"; decoding: bits/byte {r['decoding']['bits_per_byte']:.3f}, "
+                   f"{r['decoding']['bytes_per_patch']:.2f} bytes/patch" if "decoding" in r else ""))
     if section == "lambada":
         return (f"accuracy {r['accuracy']['byteified']:.3f} vs {r['accuracy']['source']:.3f}, bits/byte "
                 f"{r['bits_per_byte']['byteified']:.3f} vs {r['bits_per_byte']['source']:.3f}")

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bytelift.generation import decoding_logprobs
 from bytelift.modeling import ByteliftForCausalLM
-from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
 
 # Sequences are grouped into batches of at most this many positions (batch × longest row), which bounds
 # activation memory (the byte model's (B, L, 520) logits dominate) while keeping matmuls large.
@@ -35,6 +36,8 @@ DEFAULT_BATCH_POSITIONS = 8192
 # Contexts are cut from the left to fit this many bytes (long LAMBADA/held-out texts; both models see
 # the same bytes).
 DEFAULT_MAX_BYTES = 4096
+# Rows decoded together by `score_decoding` (a decoding step costs about as much for 1 row as for a few).
+DEFAULT_DECODING_BATCH = 16
 
 
 @dataclass
@@ -127,6 +130,31 @@ class ByteScorer:
                     logprob=float(joint[row, -n:].sum()), logprob_folded=float(folded[row, -n:].sum()),
                     n_bytes=n, greedy=bool(hit[row, -n:].all()), boundaries=predicted[row, -n:].copy(),
                 )
+        return results  # type: ignore[return-value]
+
+    def score_decoding(self, texts: Sequence[str | bytes], batch_size: int = DEFAULT_DECODING_BATCH) -> list[Scored]:
+        """Log-likelihood of each text after bos under the model as it generates: patches closed by the
+        head's flag at the model's decoding threshold (`generation.decoding_logprobs`). `boundaries` marks
+        the bytes that closed a patch; `greedy` is not computed (False)."""
+        data = [_as_bytes(t)[: self.max_bytes] for t in texts]
+        results: list[Scored | None] = [None] * len(data)
+        order = sorted(range(len(data)), key=lambda i: -len(data[i]))  # similar lengths decode together
+        for start in range(0, len(order), batch_size):
+            group = order[start : start + batch_size]
+            prompts = self._encode([b""] * len(group))  # bos alone
+            conts = self._encode([data[i] for i in group])
+            # The byte tokenizer left-pads and starts each row with bos: drop bos, pad on the right.
+            rows = [ids[valid.bool()][1:] for ids, valid in zip(conts["input_ids"], conts["attention_mask"])]
+            right = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long, device=self.device)
+            for r, row in enumerate(rows):
+                right[r, : len(row)] = row
+            d = decoding_logprobs(self.model, prompts["input_ids"], prompts["attention_mask"],
+                                  prompts["expanded_ids"], right)
+            for row, i in enumerate(group):
+                k = int(d.scored[row])
+                total = float(d.logprobs[row, :k].sum())
+                results[i] = Scored(logprob=total, logprob_folded=total, n_bytes=k, greedy=False,
+                                    boundaries=d.flags[row, :k].cpu().numpy())
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
