@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
@@ -685,9 +686,7 @@ def calibrate_boundary_bias(
         scores = []
         for start in range(0, len(rows), batch_size):
             group = rows[start : start + batch_size]
-            conts = torch.full((len(group), max(map(len, group))), PAD_ID, dtype=torch.long, device=device)
-            for r, row in enumerate(group):
-                conts[r, : len(row)] = row
+            conts = pad_sequence(group, batch_first=True, padding_value=PAD_ID)
             bos = torch.full((len(group), 1), BOS_ID, dtype=torch.long, device=device)
             d = decoding_logprobs(model, bos, None, None, conts, boundary_bias=bias)
             scores += [d.logodds[r, : int(d.scored[r])] for r in range(len(group))]

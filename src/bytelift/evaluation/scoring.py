@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from bytelift.generation import decoding_logprobs
 from bytelift.modeling import ByteliftForCausalLM
@@ -145,9 +146,7 @@ class ByteScorer:
             conts = self._encode([data[i] for i in group])
             # The byte tokenizer left-pads and starts each row with bos: drop bos, pad on the right.
             rows = [ids[valid.bool()][1:] for ids, valid in zip(conts["input_ids"], conts["attention_mask"])]
-            right = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long, device=self.device)
-            for r, row in enumerate(rows):
-                right[r, : len(row)] = row
+            right = pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
             d = decoding_logprobs(self.model, prompts["input_ids"], prompts["attention_mask"],
                                   prompts["expanded_ids"], right)
             for row, i in enumerate(group):
