@@ -175,6 +175,7 @@ def _cmd_calibrate(args) -> int:
     from bytelift.evaluation.runner import default_heldout_data, torch_threads
     from bytelift.generation import calibrate_boundary_bias
     from bytelift.modeling import ByteliftForCausalLM, check_model_folder
+    from bytelift.training import _write_json_atomically
 
     torch_threads(args.threads)
     try:
@@ -206,9 +207,7 @@ def _cmd_calibrate(args) -> int:
     if args.dry_run:
         return 0
     config["decode_boundary_bias"] = bias
-    tmp = config_file.with_suffix(".json.tmp")  # a crash cannot leave a half-written config
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_file)
+    _write_json_atomically(config_file, config)  # a crash cannot leave a half-written config
     print(f"wrote {config_file}")
     return 0
 

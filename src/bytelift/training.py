@@ -397,11 +397,15 @@ class ByteliftTrainer(Trainer):
         model = self._byte_model()
         metrics = evaluate_heldout(
             model, self.get_eval_dataloader(dataset), teacher_forced=self.run_config.stage == 1,
-            max_batches=max(1, self.run_config.eval_windows // self.args.per_device_eval_batch_size),
+            max_batches=self._eval_batches(),
         )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         return metrics
+
+    def _eval_batches(self) -> int:
+        """Batches holding the run's `eval_windows` held-out windows (at least one)."""
+        return max(1, self.run_config.eval_windows // self.args.per_device_eval_batch_size)
 
     def calibrate_decoding(self):
         """Set the model's `decode_boundary_bias` (see `generation.calibrate_boundary_bias`) from the
@@ -409,8 +413,7 @@ class ByteliftTrainer(Trainer):
         from bytelift.generation import calibrate_boundary_bias
 
         dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
-        batches = itertools.islice(self.get_eval_dataloader(dataset),
-                                   max(1, self.run_config.eval_windows // self.args.per_device_eval_batch_size))
+        batches = itertools.islice(self.get_eval_dataloader(dataset), self._eval_batches())
         model = self._byte_model()
         was_training = model.training
         model.eval()
