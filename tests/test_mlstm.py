@@ -530,6 +530,8 @@ def _block_step(block, x, state, mask, fused):
 def test_fused_decoding_equals_unfused(dtype):
     torch.manual_seed(0)
     block = LocalBlock(64, num_heads=4, ffn_hidden=96, igate_bias_init=0.0).to(dtype)
+    with torch.no_grad():  # the head norm's weight is folded into the output projection: not all ones
+        block.mlstm.head_norm.weight.copy_(0.5 + torch.rand(64))
     x = torch.randn(3, 1, 64, dtype=dtype)
     state = MLSTMState(*(torch.randn(*shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
                          for shape in ((3, 4, 8, 16), (3, 4, 8), (3, 4))))
@@ -585,6 +587,7 @@ def test_fused_weights_follow_weight_changes():
     with torch.no_grad():  # in place: the version counters move
         block.mlstm.fgate_proj.bias.add_(1.0)
         block.ffn.up_proj.weight.mul_(2.0)
+        block.mlstm.head_norm.weight.mul_(torch.rand(32) + 0.5)  # folded into the output projection
     torch.testing.assert_close(_block_step(block, x, None, None, fused=True)[0],
                                _block_step(block, x, None, None, fused=False)[0])
     block.mlstm.k_proj.weight = torch.nn.Parameter(torch.randn(16, 32))  # replaced

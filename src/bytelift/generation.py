@@ -12,6 +12,11 @@ byte (h_{L-1} and the mLSTM state after it). The reference runs the encoder twic
 
 Decoding, per byte: one encoder step and one decoder step (recurrent mLSTM, S = 1), and a global step
 (one new KV slot) when a patch closed. Boundaries while decoding come from the head's fused ids.
+The local side of a step calls no modules: the mLSTM blocks, the decoder's input projection and the head
+multiply by matrices gathered once per session (`FusedLinear`: concatenated, in the layout a one-row
+product reads fastest, with constant factors and the norm weights in front of them folded in), so module
+hooks on them do not run while decoding. At batch 1 a step's cost is its weights plus a few hundred
+operator dispatches, each as dear as a small kernel, so the step avoids every operation it can.
 
 Batching (rows at different patch positions). Every global step appends one KV slot; the slot is marked
 valid in the global attention mask only for rows that closed a patch, and each row gets explicit
@@ -57,6 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     DynamicCache,
@@ -69,7 +75,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
-from bytelift.mlstm import MLSTMState
+from bytelift.mlstm import FusedLinear, MLSTMState
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID
 
 # Batching policy: the global model runs once at least this fraction of the unfinished rows closed a patch
@@ -298,8 +304,12 @@ class DecodingSession:
         model, ids, mask = self.model, self.input_ids, self.mask
         B, L = ids.shape
         enc, dec = model.encoder, model.decoder
-        # The local stacks' decoding matrices, gathered once for the whole run (see LocalBlock.step).
+        # The local stacks' decoding matrices, gathered once for the whole run (see LocalBlock.step), and
+        # the decoder's input projection and the head in the layout a one-row product reads fastest (see
+        # FusedLinear); the head's norm weight is folded into its matrix.
         self.enc_weights, self.dec_weights = enc.layers.decode_weights(), dec.layers.decode_weights()
+        self.in_w, self.in_b = FusedLinear().get((dec.in_projection,))
+        self.head_w, self.head_b = FusedLinear().get((model.lm_head,), in_scale=model.norm.weight)
         # One pass over the whole prompt (see the module docstring): h (B, L, d_l), states after byte L-1.
         h, self.enc_states = enc(ids, self.expanded_ids, mask=mask)
         logp = model.boundary_predictor(h, mask)
@@ -330,7 +340,7 @@ class DecodingSession:
         self.rows_computable = _appends_in_place(self.cache)
         d_l = model.config.local_hidden_size
         if P == 0:  # nothing to run: every prompt is bos alone
-            self.g_last = h.new_zeros(B, d_l)
+            self.g_last = self._depool_global(h.new_zeros(B, model.config.global_hidden_size))
             self.dec_states = None
             return h.new_zeros(B, 2 * BYTE_VOCAB_SIZE)
 
@@ -349,7 +359,7 @@ class DecodingSession:
         z = dec.depool(h[:, : L - 1], g, index)
         x, self.dec_states = dec(z, mask=mask[:, : L - 1])
         self.g_last = self._depool_global(g[:, -1])  # every row's latest prompt patch sits in slot P-1
-        return model.head(x[:, -1])
+        return self._head(x[:, -1])
 
     def forced_symbols(self, logits: torch.Tensor, boundary_bias: float = 0.0) -> torch.Tensor:
         """The first step's symbols: the last prompt byte, fused iff the head says it closes a patch.
@@ -392,7 +402,7 @@ class DecodingSession:
         # their masking work (a mask of all True computes exactly the same).
         all_fresh = bool(fresh.all())
         flag = symbols >= BYTE_VOCAB_SIZE
-        byte = symbols - BYTE_VOCAB_SIZE * flag.long()
+        byte = symbols.remainder(BYTE_VOCAB_SIZE)
         if self._first:  # the prefill pass already ran the encoder over the forced byte
             self._first = False
         else:
@@ -402,11 +412,10 @@ class DecodingSession:
         ready = fresh & ~flag
         if self._global_due():
             ready |= self._global_step()
-        dec = model.decoder
-        z = self.g_last + dec.in_projection(self.h_last)
+        z = torch.addmm(self.g_last, self.h_last, self.in_w)  # g_last carries the projection's bias
         mask = None if bool(ready.all()) else ready
-        x, self.dec_states = dec.layers.step(z, self.dec_states, mask=mask, weights=self.dec_weights)
-        logits = model.head(x)  # (A, 2·V_b)
+        x, self.dec_states = model.decoder.layers.step(z, self.dec_states, mask=mask, weights=self.dec_weights)
+        logits = self._head(x)  # (A, 2·V_b)
         if everyone:
             self.ready = ready
             return logits, ready
@@ -449,7 +458,12 @@ class DecodingSession:
         x = enc.embed(byte[:, None], expanded)[:, 0]  # (A, d_l)
         y, self.enc_states = enc.layers.step(x, self.enc_states, mask=None if all_fresh else fresh,
                                              weights=self.enc_weights)
-        return enc.norm.forward(y)
+        return F.rms_norm(y, y.shape[-1:], enc.norm.weight, enc.norm.eps)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """`model.head` for decoding: (A, d_l) -> (A, 2·V_b), its norm weight inside `head_w`."""
+        x = F.rms_norm(x, x.shape[-1:], None, self.model.norm.eps)
+        return torch.mm(x, self.head_w) if self.head_b is None else torch.addmm(self.head_b, x, self.head_w)
 
     def _global_due(self) -> bool:
         """The `global_sync` policy: enough unfinished rows wait for the global model."""
@@ -510,10 +524,12 @@ class DecodingSession:
         return out.last_hidden_state.to(patches.dtype)
 
     def _depool_global(self, g: torch.Tensor) -> torch.Tensor:
-        """(B, d_g) global outputs -> (B, d_l) their contribution to the decoder input."""
+        """(B, d_g) global outputs -> (B, d_l) their contribution to the decoder input, plus the decoder's
+        input-projection bias (so that a step adds the projected encoder state in one addmm)."""
         dec = self.model.decoder
         g = dec.global_norm(g)
-        return dec.global_projection(g) if dec.global_projection is not None else g
+        g = dec.global_projection(g) if dec.global_projection is not None else g
+        return g if self.in_b is None else g + self.in_b
 
 
 def _pool_left(h: torch.Tensor, boundary: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -983,7 +999,7 @@ class ByteliftGenerationMixin:
                     for stop in stops:  # per stop string, vectorised over rows
                         done |= (tail[:, tail_len - len(stop) :] == stop).all(dim=1)
                 session.finished |= ready & done
-                symbols = byte + BYTE_VOCAB_SIZE * flag.long()
+                symbols = torch.add(byte, flag, alpha=BYTE_VOCAB_SIZE)  # fused ids, one op
                 yield ready, byte
                 if bool(session.finished.all()):
                     return

@@ -103,10 +103,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the operator call when ``t`` already has it (a decoding step makes dozens of
+    these; each dispatch costs as much as a small kernel)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _state_or_zeros(state: MLSTMState | None, B: int, H: int, d_qk: int, d_v: int, device, dtype) -> MLSTMState:
     if state is None:
         return MLSTMState.zeros(B, H, d_qk, d_v, device=device, dtype=dtype)
-    return MLSTMState(state.C.to(dtype), state.n.to(dtype), state.m.to(dtype))
+    return MLSTMState(_as(state.C, dtype), _as(state.n, dtype), _as(state.m, dtype))
 
 
 def _log_gates(
@@ -118,8 +124,8 @@ def _log_gates(
     Masked positions (mask (B, S), or (B,) for one step, False) get the neutral gates: log-forget 0 (no
     decay) and log-input -inf (no write), so the state passes through them unchanged.
     """
-    log_i = i.to(dtype)
-    log_f = F.logsigmoid(f.to(dtype))
+    log_i = _as(i, dtype)
+    log_f = F.logsigmoid(_as(f, dtype))
     if mask is not None:
         keep = mask[:, None]  # broadcasts over heads
         log_f = torch.where(keep, log_f, 0.0)
@@ -179,24 +185,26 @@ def mlstm_step(
         C = torch.where(r[..., None, None], 0.0, C)
         n = torch.where(r[..., None], 0.0, n)
         m = torch.where(r, 0.0, m)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = _as(q, dtype), _as(k, dtype), _as(v, dtype)
     q_scale = d_qk**-0.5 if q_scale is None else q_scale
     if q_scale != 1.0:
         q = q * q_scale
     log_i, log_f = _log_gates(i, f, mask, dtype)  # (B, H); neutral where masked, so h reads the kept state
 
     # Decoding runs this once per byte and layer with tiny tensors, so the op count is the cost: fused
-    # multiply-adds (addcmul) and one batched matmul instead of broadcasts and einsums.
+    # multiply-adds (addcmul), one batched matmul and one dot product instead of broadcasts and einsums,
+    # no dtype casts that change nothing.
     carried = log_f + m  # (B, H): the old stabiliser after this step's forget gate
-    with torch.no_grad():
-        m_new = torch.maximum(carried, log_i)
+    m_new = torch.maximum(carried, log_i)
+    if m_new.requires_grad:  # the stabiliser is a constant for autograd (it cancels in h)
+        m_new = m_new.detach()
     decay = torch.exp(carried - m_new)  # (B, H)
     write = torch.exp(log_i - m_new)  # (B, H)
     kw = k * write[..., None]  # (B, H, d_qk)
     C_new = torch.addcmul(C * decay[..., None, None], kw[..., :, None], v[..., None, :])  # (B, H, d_qk, d_v)
     n_new = torch.addcmul(kw, n, decay[..., None])  # (B, H, d_qk)
     num = torch.matmul(q[..., None, :], C_new)[..., 0, :]  # (B, H, d_v)
-    den = (q * n_new).sum(-1)  # (B, H)
+    den = torch.linalg.vecdot(q, n_new)  # (B, H)
     h = num / (torch.maximum(den.abs(), torch.exp(-m_new)) + eps)[..., None]
 
     if mask is not None:  # the neutral gates already carry the state over; this makes it bit-exact
@@ -204,7 +212,7 @@ def mlstm_step(
         C_new = torch.where(keep[..., None, None], C_new, C)
         n_new = torch.where(keep[..., None], n_new, n)
         m_new = torch.where(keep, m_new, m)
-    return h.to(in_dtype), MLSTMState(C_new, n_new, m_new)
+    return _as(h, in_dtype), MLSTMState(C_new, n_new, m_new)
 
 
 def mlstm_recurrent(
@@ -717,7 +725,9 @@ class FusedLinear:
 
     ``scales`` (one number per linear, default all 1) multiplies each linear's weight and bias in the cache:
     constant factors on a projection's output (the mLSTM's 1/sqrt(head width) on q, the 1/cap inside the
-    gates' soft cap) then cost nothing per step. Other scales than the cache's rebuild it.
+    gates' soft cap) then cost nothing per step. Other scales than the cache's rebuild it. ``in_scale``
+    (in_features,), a parameter, multiplies the inputs: an elementwise weight applied just before the
+    projection (the mLSTM's head-norm weight) is folded into the matrix; it is tracked like the weights.
 
     Not a parameter or buffer (state dicts and checkpoints are untouched) but a cache, rebuilt whenever a
     source weight or bias changed: in place (its version counter moved) or replaced (its storage changed;
@@ -733,16 +743,21 @@ class FusedLinear:
         self.bias: torch.Tensor | None = None  # (Σ out_features,) or None when no linear has a bias
 
     def get(
-        self, linears: tuple[nn.Linear, ...], scales: tuple[float, ...] | None = None
+        self, linears: tuple[nn.Linear, ...], scales: tuple[float, ...] | None = None,
+        in_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> weight_t (in_features, Σ out_features), bias (Σ out_features,) or None."""
         params = tuple(p for lin in linears for p in (lin.weight, lin.bias) if p is not None)
+        if in_scale is not None:
+            params += (in_scale,)
         if scales != self._scales or not self._fresh(params):
             # Built as a normal tensor even under inference_mode, so that later no_grad calls may use it.
             with torch.inference_mode(False), torch.no_grad():
                 self._scales = scales
                 scales = scales or (1.0,) * len(linears)
                 weights = [lin.weight * s if s != 1.0 else lin.weight for lin, s in zip(linears, scales)]
+                if in_scale is not None:
+                    weights = [w * in_scale for w in weights]  # (out, in) * (in,): scales the inputs
                 w0 = linears[0].weight
                 if w0.device.type == "cpu" and w0.dtype == torch.float32:
                     self.weight_t = torch.cat(weights).t().contiguous()  # (in, Σ out)
@@ -794,8 +809,8 @@ class MultiHeadLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H, d_head) -> (..., H * d_head)."""
-        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps)
-        return y.to(x.dtype).flatten(-2) * self.weight
+        y = F.layer_norm(_as(x, torch.float32), x.shape[-1:], eps=self.eps)
+        return _as(y, x.dtype).flatten(-2) * self.weight
 
 
 BACKENDS = ("auto", "parallel", "chunkwise", "recurrent", "triton")
@@ -913,13 +928,14 @@ class MLSTMLayer(nn.Module):
     def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The matrices `step` multiplies by: (in_w (d_model, 2·d_qk + 2·d_v + 2·H), in_b or None,
         out_w (d_v, d_model)). The six input projections are one matrix, with the cell's 1/sqrt(head width)
-        on q and the 1/cap inside the gates' soft cap folded in (see FusedLinear)."""
+        on q and the 1/cap inside the gates' soft cap folded in; the head norm's weight is folded into the
+        output projection (see FusedLinear)."""
         H, cap = self.num_heads, self.gate_soft_cap
         in_w, in_b = self.fused_in.get(
             (self.q_proj, self.k_proj, self.v_proj, self.ogate_proj, self.igate_proj, self.fgate_proj),
             scales=((self.d_qk // H) ** -0.5, 1.0, 1.0, 1.0, 1.0 / cap, 1.0 / cap),
         )
-        return in_w, in_b, self.fused_out.get((self.out_proj,))[0]
+        return in_w, in_b, self.fused_out.get((self.out_proj,), in_scale=self.head_norm.weight)[0]
 
     def step(
         self,
@@ -941,12 +957,14 @@ class MLSTMLayer(nn.Module):
         in_w, in_b, out_w = self.decode_weights() if weights is None else weights
         proj = torch.mm(x, in_w) if in_b is None else torch.addmm(in_b, x, in_w)  # (B, 2·d_qk + 2·d_v + 2·H)
         q, k, v, o, gates = proj.split((self.d_qk, self.d_qk, self.d_v, self.d_v, 2 * H), dim=-1)
-        gates = torch.tanh(gates) * self.gate_soft_cap  # = soft_cap of the plain projections: i then f
+        gates = torch.tanh(gates).mul_(self.gate_soft_cap)  # = soft_cap of the plain projections: i then f
         h, state = mlstm_step(
             q.view(B, H, -1), k.view(B, H, -1), v.view(B, H, -1), gates[:, :H], gates[:, H:], state,
             mask=mask, reset=reset, q_scale=1.0,
         )
-        h = self.head_norm.forward(h) * torch.sigmoid(o)  # (B, d_v)
+        # The head norm without its weight, which out_w carries (decode_weights).
+        h = F.layer_norm(_as(h, torch.float32), h.shape[-1:], eps=self.head_norm.eps)
+        h = _as(h, x.dtype).flatten(-2) * torch.sigmoid(o)  # (B, d_v)
         return (torch.mm(h, out_w) if residual is None else torch.addmm(residual, h, out_w)), state
 
 
