@@ -69,6 +69,18 @@ stage 2s trained 216 steps from the 30-minute job's stage 1, each at its calibra
 Batch 16 gains little from longer patches when their lengths vary this much: 67 global steps served
 16 x 270 bytes (fixed 8-byte patches need 34), and each reads all 424 MB of global weights (~150 ms
 with ~8 rows on one core), while rows waiting for it idle.
+After the leaner decoding step (no no-op casts in the mLSTM step, norm weights folded into the matrices
+after them, the decoder's input projection and the head as one matmul each; a decoding step without
+global steps, one prompt, best of 5 alternating runs per version: 8.85 -> 8.29 ms per byte), two runs
+each (`--threads 1 --batches 1,16 --repeats 2`): fixed boundaries at the source's rate 0.79 and 0.75 at
+batch 1 (37.7 vs 47.7, 36.9 vs 49.3 B/s), 0.83 and 0.80 at batch 16, batch 16 = 6.3x and 5.9x batch 1;
+the merged stage 2 above (`--model DIR --sample`): 1.16 and 1.11 at batch 1 (50.4 vs 43.6, 45.7 vs
+41.2 B/s), 1.00 and 0.83 at batch 16 (249.3 vs 249.3, 188.9 vs 228.1), batch 16 = 4.9x and 4.1x batch 1.
+Not landed, measured: storing the global linears transposed (the lead of an earlier stop) makes a bare
+global decoding step at batch 1 only 2% faster (57.9 vs 59.3 ms, best of 36) and 20% slower at batch 4
+(122.4 vs 102.4 ms); `torch.compile` of the local stack's step or of the mLSTM cell was slower than eager
+on this CPU (5.67 vs 5.28 ms for the 4 decoder blocks, best of 5; the cell alone: 11.6 vs 10.7 ms per byte,
+one run each).
 
 The last line printed is one JSON object.
 Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
