@@ -338,8 +338,7 @@ class DecodingSession:
         # A global step can compute only the rows it serves (`computing_rows`) when every layer appends in
         # place; sliding-window layers (HF's) cannot, and there `global_sync` is 1.0 anyway.
         self.rows_computable = _appends_in_place(self.cache)
-        d_l = model.config.local_hidden_size
-        if P == 0:  # nothing to run: every prompt is bos alone
+        if P == 0:  # nothing to run: every prompt is bos alone; no global output yet (zero) until a patch
             self.g_last = self._depool_global(h.new_zeros(B, model.config.global_hidden_size))
             self.dec_states = None
             return h.new_zeros(B, 2 * BYTE_VOCAB_SIZE)
