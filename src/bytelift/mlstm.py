@@ -957,7 +957,7 @@ class MLSTMLayer(nn.Module):
         in_w, in_b, out_w = self.decode_weights() if weights is None else weights
         proj = torch.mm(x, in_w) if in_b is None else torch.addmm(in_b, x, in_w)  # (B, 2·d_qk + 2·d_v + 2·H)
         q, k, v, o, gates = proj.split((self.d_qk, self.d_qk, self.d_v, self.d_v, 2 * H), dim=-1)
-        gates = torch.tanh(gates).mul_(self.gate_soft_cap)  # = soft_cap of the plain projections: i then f
+        gates = torch.tanh(gates) * self.gate_soft_cap  # = soft_cap of the plain projections: i then f
         h, state = mlstm_step(
             q.view(B, H, -1), k.view(B, H, -1), v.view(B, H, -1), gates[:, :H], gates[:, H:], state,
             mask=mask, reset=reset, q_scale=1.0,
