@@ -309,6 +309,30 @@ def test_expand_last_equals_tail(source):
     assert vocab.token_bytes[expander.expand_last(seq[None, :], 1)[0, 0]] == longest
 
 
+@pytest.mark.parametrize("dense_table_bytes", [0, 300_000, 2**24], ids=["sparse", "mixed", "dense"])
+def test_expand_last_plain_python_walk_equals_the_array_walk(source, dense_table_bytes, monkeypatch):
+    """Decoding's few positions take the plain-Python walk (SCALAR_WALK_MAX_POSITIONS); on every kind of
+    child table it must give what the array walk gives, through specials and deep matches."""
+    vocab = source_vocabulary(source)
+    expander = SuffixExpander.from_vocabulary(vocab, dense_table_bytes=dense_table_bytes)
+    longest = max((b for b in vocab.token_bytes if b), key=len)
+    seqs = noisy_sequences(np.random.default_rng(2), n_seqs=2, length=120) + text_sequences()[:2] + [
+        np.concatenate([[BOS_ID], bytes_to_ids(longest * 3)]),  # walks as deep as the trie goes
+        np.concatenate([bytes_to_ids(b"ab"), [EOS_ID], bytes_to_ids(b" " * 40)]),  # a special stops a walk
+    ]
+    walked, walk_one = [], SuffixExpander._walk_one
+    monkeypatch.setattr(SuffixExpander, "_walk_one", lambda self, seq, pos: walked.append(pos) or walk_one(self, seq, pos))
+    for seq in seqs:
+        full = expander.expand(seq)
+        steps = [int(expander.expand_last(seq[: t + 1], 1)[0]) for t in range(len(seq))]
+        assert steps == full.tolist()
+        m = min(len(seq), 30)
+        pair = np.stack([seq[-m:], seqs[0][-m:]])  # 2 rows x 2 positions: still the plain walk
+        np.testing.assert_array_equal(expander.expand_last(pair, 2), expander.expand_batch(pair)[:, -2:])
+    assert len(walked) == sum(len(seq) + 4 for seq in seqs)  # every one of those positions took it
+    assert expander._dense_depth == {0: 1, 300_000: 2, 2**24: expander.max_token_len}[dense_table_bytes]
+
+
 def test_batched_equals_per_row(source):
     expander = SuffixExpander.from_tokenizer(source)
     rows = [np.concatenate([[BOS_ID], bytes_to_ids(t)]) for t in ("hello world", "中文文本", "", "def f(x):")]
