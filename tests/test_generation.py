@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import TextStreamer
 
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -568,10 +569,7 @@ def _bos_prompts(n):
 
 def _right_padded(texts):
     rows = [torch.tensor(list(t.encode()), dtype=torch.long) + BYTE_OFFSET for t in texts]
-    out = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
-    for r, row in enumerate(rows):
-        out[r, : len(row)] = row
-    return out
+    return pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
 
 
 @pytest.mark.parametrize("bias", [0.0, 0.7])

@@ -76,7 +76,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from bytelift.mlstm import FusedLinear, MLSTMState
-from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID, fuse
 
 # Batching policy: the global model runs once at least this fraction of the unfinished rows closed a patch
 # (see the module docstring). Measured with benchmarks/generate.py, decode bytes/s for 1.0 (park) / 0.5 /
@@ -372,7 +372,7 @@ class DecodingSession:
         logodds = logits.gather(1, (last + BYTE_VOCAB_SIZE)[:, None])[:, 0] - logits.gather(1, last[:, None])[:, 0]
         flag = (logodds.float() + boundary_bias > 0) | self.bos_only
         self.prompt_boundaries[:, -1] = flag
-        return last + BYTE_VOCAB_SIZE * flag.long()
+        return fuse(last, flag)
 
     # --- one decoding step -----------------------------------------------------------------------------
 
@@ -791,7 +791,7 @@ def decoding_logprobs(
         logodds.scatter_(1, col, (fused - plain)[:, None])
         pos += ready.long()
         session.finished |= ready & (pos >= lengths)
-        symbols = byte + BYTE_VOCAB_SIZE * (fused - plain + boundary_bias > 0).long()
+        symbols = fuse(byte, fused - plain + boundary_bias > 0)
     scored = torch.arange(T, device=device)[None] < pos[:, None]
     logodds = logodds[:, :T] * scored
     return DecodedText(logprobs=logp[:, :T], logodds=logodds, flags=(logodds + boundary_bias > 0) & scored,
@@ -998,7 +998,7 @@ class ByteliftGenerationMixin:
                     for stop in stops:  # per stop string, vectorised over rows
                         done |= (tail[:, tail_len - len(stop) :] == stop).all(dim=1)
                 session.finished |= ready & done
-                symbols = torch.add(byte, flag, alpha=BYTE_VOCAB_SIZE)  # fused ids, one op
+                symbols = fuse(byte, flag)
                 yield ready, byte
                 if bool(session.finished.all()):
                     return

@@ -100,7 +100,10 @@ def fuse(ids, ends_patch):
     checked (that would synchronise a GPU); ints and arrays are.
     """
     if isinstance(ids, torch.Tensor):
-        return ids + BYTE_VOCAB_SIZE * torch.as_tensor(ends_patch, device=ids.device).to(ids.dtype)
+        ends = torch.as_tensor(ends_patch, device=ids.device)
+        if ends.dtype not in (torch.bool, ids.dtype):
+            ends = ends.to(ids.dtype)
+        return torch.add(ids, ends, alpha=BYTE_VOCAB_SIZE)  # one operation for bool flags (every decoded byte)
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         if not 0 <= ids < BYTE_VOCAB_SIZE:
             raise ValueError(f"fuse: id {ids} is not a symbol id in [0, {BYTE_VOCAB_SIZE})")
