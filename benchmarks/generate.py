@@ -82,7 +82,19 @@ global decoding step at batch 1 only 2% faster (57.9 vs 59.3 ms, best of 36) and
 on this CPU (5.67 vs 5.28 ms for the 4 decoder blocks, best of 5; the cell alone: 11.6 vs 10.7 ms per byte,
 one run each).
 
-The last line printed is one JSON object.
+The last line printed is one JSON object. Besides the issue's figures it holds `equal_cost_ratio`, the decode
+ratio both models would show if they multiplied their weights at the same speed (`equal_cost_ratio()`:
+weights read per byte, from the models' linear layers and the patch rate), and `source_batch16_vs_batch1`,
+the source's own batch scaling in the same run: the yardsticks for the decode ratios and for
+`batch16_vs_batch1`. A run of each after they were added (`--threads 1 --batches 1,16 --repeats 2`):
+fixed boundaries at N = 4.226: decode ratio 0.768 at batch 1 (32.2 vs 42.0 B/s), 0.832 at batch 16
+(229.0 vs 275.2), equal-cost ratio 0.812; batch 16 = 7.1x batch 1, the source's own 6.6x. The merged stage 2
+above (`--model DIR --sample`; 6.92 bytes/patch at batch 1, 7.77 at batch 16): 1.142 at batch 1 (47.5 vs
+41.6 B/s; equal-cost ratio 1.083), 0.741 at batch 16 (193.4 vs 261.1; parking 150.5, no parking 141.9),
+batch 16 = 4.1x batch 1 (source 6.3x). At batch 16 that model's global steps (67, ~8 rows each, ~190 ms)
+take over half the decode time: on this CPU a product of 8 or 16 rows by a weight matrix costs 3-4x what
+reading the matrix does (one thread, 576 x 1536: torch `mm` 0.96 ms at 8 rows and 1.26 at 16, 0.30 at 1
+row), so a global step costs nearly as much for 8 rows as for 16, and rows that wait for it idle.
 Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
        [--boundaries fixed|calibrated] [--bytes-per-patch K] [--local-width D] [--model DIR] [--sample]
 """
@@ -169,6 +181,27 @@ def at_rate(by_cap: dict[int, tuple[float, float]], rate: float | None) -> float
     t_lo, t_hi = 1 / d_lo, 1 / d_hi
     t = t_lo + (t_hi - t_lo) * (1 / rate - 1 / lo) / (1 / hi - 1 / lo)
     return 1 / t
+
+
+def matmul_params(*modules) -> int:
+    """Weights of the linear layers in `modules` (None skipped): what one decoding step of them reads."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sum(m.weight.numel() for mod in modules if mod is not None for m in mod.modules()
+               if isinstance(m, (torch.nn.Linear, Conv1D)))
+
+
+def equal_cost_ratio(model, source, bytes_per_token: float, bytes_per_patch: float) -> float:
+    """The decode ratio byteified/source if both read their weights at the same speed (each decoding step
+    reads every weight it multiplies once, batch 1; at batch 16 multiply-adds per row scale the same way).
+
+    Per byte the byteified model runs its local step (encoder stack, decoder input projection and stack,
+    head) and 1/bytes_per_patch of a global step (pooling projection, transformer, global projection); the
+    source runs 1/bytes_per_token of its step (transformer and LM head).
+    """
+    local = matmul_params(model.encoder.layers, model.decoder.in_projection, model.decoder.layers, model.lm_head)
+    per_patch = matmul_params(model.pooling_projection, model.global_model, model.decoder.global_projection)
+    return (matmul_params(source) / bytes_per_token) / (local + per_patch / bytes_per_patch)
 
 
 def calibrate_bias(model, texts, bytes_per_patch):
@@ -302,9 +335,14 @@ def main() -> None:
                       source_decode_bytes_s_b16=f16["src_dec"])
         if 1 in figures:
             result["batch16_vs_batch1"] = f16["dec"] / figures[1]["dec"]
+            result["source_batch16_vs_batch1"] = f16["src_dec"] / figures[1]["src_dec"]
         if args.boundaries == "calibrated" or args.model:
             result["b16_decode_by_sync"] = figures.get("sync16")
     measured = {f"b{b}": round(f["bpp"], 3) for b, f in figures.items() if isinstance(b, int)}
+    # The ratio equal weight-reading speed would give, at the fixed rate or at batch 1's measured one.
+    bpp = rate or next(iter(measured.values()), None)
+    if bpp:
+        result["equal_cost_ratio"] = equal_cost_ratio(model, source, bpt, bpp)
     result.update(bytes_per_token=bpt, bytes_per_patch=rate or measured, model=args.model or "untrained",
                   boundary_bias=shown_bias, sample=args.sample, threads=torch.get_num_threads(), dtype=args.dtype,
                   local_width=model.config.local_hidden_size,
