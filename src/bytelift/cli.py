@@ -175,7 +175,7 @@ def _cmd_calibrate(args) -> int:
     from bytelift.evaluation.runner import default_heldout_data, torch_threads
     from bytelift.generation import calibrate_boundary_bias
     from bytelift.modeling import ByteliftForCausalLM, check_model_folder
-    from bytelift.training import _write_json_atomically
+    from bytelift.training import write_json_atomically
 
     torch_threads(args.threads)
     try:
@@ -207,7 +207,7 @@ def _cmd_calibrate(args) -> int:
     if args.dry_run:
         return 0
     config["decode_boundary_bias"] = bias
-    _write_json_atomically(config_file, config)  # a crash cannot leave a half-written config
+    write_json_atomically(config_file, config)  # a crash cannot leave a half-written config
     print(f"wrote {config_file}")
     return 0
 

@@ -195,9 +195,11 @@ def latest_complete_checkpoint(output: str | os.PathLike) -> str | None:
     return str(max(done, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):])))
 
 
-def _write_json_atomically(path: Path, payload: dict) -> None:
+def write_json_atomically(path: Path, payload: dict, **dumps_kwargs) -> None:
+    """Write `payload` as JSON to `path` through a temporary file: a crash leaves the old file or the new one,
+    never half of one. `dumps_kwargs` go to `json.dumps` (default indent 2)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json.dumps(payload, **{"indent": 2, **dumps_kwargs}))
     os.replace(tmp, path)
 
 
@@ -364,13 +366,13 @@ class ByteliftTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         self._byte_model().save_pretrained(output_dir)
-        _write_json_atomically(Path(output_dir) / RUN_CONFIG_NAME, self.run_config.to_dict())
+        write_json_atomically(Path(output_dir) / RUN_CONFIG_NAME, self.run_config.to_dict())
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            _write_json_atomically(folder / COMPLETE_MARKER, {"step": self.state.global_step})
+            write_json_atomically(folder / COMPLETE_MARKER, {"step": self.state.global_step})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file
@@ -593,7 +595,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                        decode_calibration_seconds=round(time.perf_counter() - start, 1))
     trainer.save_model(cfg.output)  # the final model sits at the top of the output folder
     if trainer.args.should_save:
-        _write_json_atomically(Path(cfg.output) / "train_metrics.json", metrics)
+        write_json_atomically(Path(cfg.output) / "train_metrics.json", metrics)
     return metrics
 
 
