@@ -90,11 +90,12 @@ the source's own batch scaling in the same run: the yardsticks for the decode ra
 fixed boundaries at N = 4.226: decode ratio 0.768 at batch 1 (32.2 vs 42.0 B/s), 0.832 at batch 16
 (229.0 vs 275.2), equal-cost ratio 0.812; batch 16 = 7.1x batch 1, the source's own 6.6x. The merged stage 2
 above (`--model DIR --sample`; 6.92 bytes/patch at batch 1, 7.77 at batch 16): 1.142 at batch 1 (47.5 vs
-41.6 B/s; equal-cost ratio 1.083), 0.741 at batch 16 (193.4 vs 261.1; parking 150.5, no parking 141.9),
-batch 16 = 4.1x batch 1 (source 6.3x). At batch 16 that model's global steps (67, ~8 rows each, ~190 ms)
-take over half the decode time: on this CPU a product of 8 or 16 rows by a weight matrix costs 3-4x what
-reading the matrix does (one thread, 576 x 1536: torch `mm` 0.96 ms at 8 rows and 1.26 at 16, 0.30 at 1
-row), so a global step costs nearly as much for 8 rows as for 16, and rows that wait for it idle.
+41.6 B/s; equal-cost ratio 1.083), 0.741 at batch 16 (193.4 vs 261.1, equal-cost ratio 1.149; parking
+150.5, no parking 141.9), batch 16 = 4.1x batch 1 (source 6.3x). At batch 16 that model's global steps (67,
+~8 rows each, ~190 ms) take over half the decode time: on this CPU a product of 8 or 16 rows by a weight
+matrix costs 2-3x a product of one row (one thread, a 1536 x 576 weight as HF's linear multiplies it: 0.41 ms
+for 1 row, 0.96 for 8, 1.26 for 16), so a global step costs nearly as much for 8 rows as for 16, and rows
+that wait for it idle.
 Usage: python benchmarks/generate.py [--new-tokens 64] [--threads 1] [--repeats 3] [--dtype float32]
        [--boundaries fixed|calibrated] [--bytes-per-patch K] [--local-width D] [--model DIR] [--sample]
 """
@@ -339,10 +340,12 @@ def main() -> None:
         if args.boundaries == "calibrated" or args.model:
             result["b16_decode_by_sync"] = figures.get("sync16")
     measured = {f"b{b}": round(f["bpp"], 3) for b, f in figures.items() if isinstance(b, int)}
-    # The ratio equal weight-reading speed would give, at the fixed rate or at batch 1's measured one.
-    bpp = rate or next(iter(measured.values()), None)
-    if bpp:
-        result["equal_cost_ratio"] = equal_cost_ratio(model, source, bpt, bpp)
+    # The ratio equal weight-reading speed would give: at the fixed rate, or at each batch's measured one.
+    if rate:
+        result["equal_cost_ratio"] = equal_cost_ratio(model, source, bpt, rate)
+    else:
+        result.update({f"equal_cost_ratio_{key}": equal_cost_ratio(model, source, bpt, bpp)
+                       for key, bpp in measured.items()})
     result.update(bytes_per_token=bpt, bytes_per_patch=rate or measured, model=args.model or "untrained",
                   boundary_bias=shown_bias, sample=args.sample, threads=torch.get_num_threads(), dtype=args.dtype,
                   local_width=model.config.local_hidden_size,

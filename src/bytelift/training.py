@@ -195,11 +195,11 @@ def latest_complete_checkpoint(output: str | os.PathLike) -> str | None:
     return str(max(done, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):])))
 
 
-def write_json_atomically(path: Path, payload: dict, **dumps_kwargs) -> None:
+def write_json_atomically(path: Path, payload: dict) -> None:
     """Write `payload` as JSON to `path` through a temporary file: a crash leaves the old file or the new one,
-    never half of one. `dumps_kwargs` go to `json.dumps` (default indent 2)."""
+    never half of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, **{"indent": 2, **dumps_kwargs}))
+    tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
 
 
