@@ -809,8 +809,13 @@ class MultiHeadLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H, d_head) -> (..., H * d_head)."""
+        return self.normalize(x) * self.weight
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm without its weight (decoding folds the weight into the next matrix):
+        (..., H, d_head) -> (..., H * d_head)."""
         y = F.layer_norm(_as(x, torch.float32), x.shape[-1:], eps=self.eps)
-        return _as(y, x.dtype).flatten(-2) * self.weight
+        return _as(y, x.dtype).flatten(-2)
 
 
 BACKENDS = ("auto", "parallel", "chunkwise", "recurrent", "triton")
@@ -963,8 +968,7 @@ class MLSTMLayer(nn.Module):
             mask=mask, reset=reset, q_scale=1.0,
         )
         # The head norm without its weight, which out_w carries (decode_weights).
-        h = F.layer_norm(_as(h, torch.float32), h.shape[-1:], eps=self.head_norm.eps)
-        h = _as(h, x.dtype).flatten(-2) * torch.sigmoid(o)  # (B, d_v)
+        h = self.head_norm.normalize(h) * torch.sigmoid(o)  # (B, d_v)
         return (torch.mm(h, out_w) if residual is None else torch.addmm(residual, h, out_w)), state
 
 
