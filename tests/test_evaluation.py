@@ -41,6 +41,7 @@ def pair(bytelevel_tokenizer):
 def test_byte_bits_per_byte_of_uniform_head(pair):
     model, _ = pair
     model = copy.deepcopy(model)
+    model.config.source_prior = False  # the decoder alone
     with torch.no_grad():
         model.lm_head.weight.zero_()  # logits 0: uniform over the 2·V_b fused outputs
     texts = ["hello world", "a", "héllo ☃"]
@@ -63,6 +64,7 @@ def test_score_decoding(pair, monkeypatch):
     texts = ["hello world", "a", "héllo ☃", b"bad \xff byte"]
     lengths = [len(t.encode()) if isinstance(t, str) else len(t) for t in texts]
     scorer = ByteScorer(copy.deepcopy(model))
+    scorer.model.config.source_prior = False  # the decoder alone
     with torch.no_grad():
         scorer.model.lm_head.weight.zero_()  # uniform head: every byte has folded probability 2 / (2·V_b)
     for s, n in zip(scorer.score_decoding(texts), lengths):
@@ -109,12 +111,37 @@ def test_source_bits_per_byte_of_uniform_head(pair, bytelevel_tokenizer):
 def test_greedy_flags_follow_the_argmax(pair):
     model, source = pair
     model = copy.deepcopy(model)
+    model.config.source_prior = False  # the decoder alone
     with torch.no_grad():  # the head always prefers byte 'a' (plain): greedy on "aaa", not on "aab"
         model.lm_head.weight.zero_()
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(2 * BYTE_VOCAB_SIZE))
         model.lm_head.bias[ord("a") + 4] = 5.0
     s = ByteScorer(model).score([("x", "aaa"), ("x", "aab")])
     assert s[0].greedy and not s[1].greedy
+
+
+def test_score_parts_where_the_bits_go(pair, bytelevel_tokenizer):
+    """With a zero decoder head the output is the prior: fed the teacher's states on the source's tokens it
+    scores each text as the source does (up to the prior's floor and the spelled-mass renormalisation);
+    the parts add up (prior alone + decoder alone = own states, since a zero head is uniform)."""
+    model, source = pair
+    model = copy.deepcopy(model)
+    model.config.prior_floor = 1e-9
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    texts = ["the quick brown fox jumps", "hello there, general kenobi"]
+    segmented = [source_segmentation(model.tokenizer, t) for t in texts]
+    parts = ByteScorer(model).score_parts(segmented, source, model.tokenizer.special_to_source[1])
+    assert parts["bytes"] == sum(len(t) for t in texts)
+    src = SourceScorer.for_byte_model(source, model).score([("", t) for t in texts])
+    # The source's mass on its 3 padded embedding rows (no spelling) is renormalised away by the prior.
+    assert parts["teacher_states"] >= sum(s.logprob for s in src) - 1e-3
+    assert parts["teacher_states"] == pytest.approx(sum(s.logprob for s in src), rel=0.05)
+    assert parts["own_states"] == pytest.approx(parts["own_states_prior_only"], rel=1e-6)
+    # The decoder alone (zero head) is uniform over the 2·V_b outputs; the last byte is folded.
+    n_texts = len(texts)
+    uniform = -(parts["bytes"] - n_texts) * math.log(2 * BYTE_VOCAB_SIZE) - n_texts * math.log(BYTE_VOCAB_SIZE)
+    assert parts["own_states_decoder_only"] == pytest.approx(uniform, rel=1e-6)
 
 
 def test_first_line_match():

@@ -40,9 +40,11 @@ def _model(tokenizer, arch="llama", context=256, seed=0):
     source = tiny_source(arch, tokenizer, seed=seed, context=context)
     model = ByteliftForCausalLM.from_source(source, tokenizer, local_heads=4).eval()
     with torch.no_grad():  # a sharper head: greedy choices far from ties, varied outputs
-        model.lm_head.weight.mul_(4.0)
-        # Norm weights away from their initial ones: decoding folds them into the matrices after them.
+        # The source prior's zero-initialised decoder head gets random weights, so that decoding checks
+        # both the decoder's logits and the prior added to them.
         generator = torch.Generator().manual_seed(seed)
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=generator) * 0.5)
+        # Norm weights away from their initial ones: decoding folds them into the matrices after them.
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") and not name.startswith("global_model."):
                 p.copy_(0.5 + torch.rand(p.shape, generator=generator))
@@ -651,7 +653,8 @@ def test_calibrate_boundary_bias_matches_the_predictors_rate(model):
     finally:
         model.lm_head.bias = None
     assert pushed.trials[0][1] > cal.trials[0][1]
-    assert pushed.bias < -1.0
+    # Not exactly 3 lower: the flags steer the decoding (and the source prior's trie cursor) differently.
+    assert pushed.bias < cal.bias - 0.5
     assert abs(pushed.rate - pushed.target_rate) <= max(0.05 * pushed.target_rate, 1.5 / pushed.positions)
     assert generation.calibrate_boundary_bias(model, batches, max_bytes=40).positions == 40
 

@@ -64,6 +64,8 @@ def test_build_forward_backward_save_reload(arch, tokenizers, tmp_path):
     assert out.boundary_mask[torch.arange(B), first].all()
 
     model.train()
+    with torch.no_grad():  # the source prior's zero-initialised head passes no gradient to the decoder yet
+        model.lm_head.weight.normal_(std=0.02)
     model(**batch, labels=batch["input_ids"]).loss.backward()
     for name in ("encoder.byte_embedding.weight", "decoder.in_projection.weight", "lm_head.weight",
                  "pooling_projection.weight"):
@@ -89,6 +91,8 @@ def test_build_forward_backward_save_reload(arch, tokenizers, tmp_path):
 
 def test_causality_with_given_boundaries(bytelevel_tokenizer):
     _, model = build("llama", bytelevel_tokenizer)
+    with torch.no_grad():  # the source prior's zero-initialised head: the decoder would not show at all
+        model.lm_head.weight.normal_(std=0.5)
     batch = batch_of(model, ["causality is checked byte by byte here"])
     ids = batch["input_ids"]
     L = ids.shape[1]
@@ -223,7 +227,7 @@ def test_parameter_counts(bytelevel_tokenizer):
     source, model = build("llama", bytelevel_tokenizer)
     counts = count_parameters(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
-    assert set(counts) == {"embeddings", "encoder", "predictor", "global", "decoder", "head", "total"}
+    assert set(counts) == {"embeddings", "encoder", "predictor", "global", "decoder", "head", "prior", "total"}
     assert counts["predictor"] == 2 * 64 * 64
     assert counts["head"] == 64 + 64 * 2 * BYTE_VOCAB_SIZE
 

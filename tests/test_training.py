@@ -55,8 +55,15 @@ def test_stage1_lowers_every_loss_and_learns_boundaries(tiny_run):
     metrics = train(stage1_config(tiny_run))
     logs = [e for e in read_log(tiny_run / "s1") if "distill_loss" in e]
     first, last = logs[0], logs[-1]
-    for key in ("boundary_loss", "encoder_loss", "distill_loss", "ce_loss", "loss"):
+    for key in ("boundary_loss", "ce_loss", "loss"):
         assert last[key] < first[key], key
+    # The defaults start at the source: the output is the teacher's trie marginal (source prior, zero
+    # decoder head) and the pooled patches are the source embeddings (token-exact initialisation), so the
+    # distillation terms start near 0 and the encoder loss small; they stay there.
+    assert first["distill_loss"] < 1e-3 and first["dense_distill_loss"] < 1e-2
+    assert max(e["encoder_loss"] for e in logs) < 0.05
+    assert max(e["distill_loss"] for e in logs) < 0.05 and max(e["dense_distill_loss"] for e in logs) < 0.05
+    assert all(e["ce_decoder_only"] > e["ce_prior_only"] for e in logs)  # the decoder alone is far behind
     assert metrics["eval_boundary_f1"] >= 0.95
     assert metrics["corpus_documents"] > 0 and metrics["corpus_other_split"] > 0  # a held-out side exists
 

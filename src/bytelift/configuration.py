@@ -38,6 +38,16 @@ class ByteliftConfig(PreTrainedConfig):
         decode_boundary_bias: added to the head's end-of-patch log-odds while decoding (0: the reference, a
             byte closes its patch iff p(end | byte) > 1/2). Training sets it (`calibrate_boundary_bias`) so
             that decoding closes patches as often as the predictor does on the same text.
+        source_prior: the source-prior output path (`bytelift.prior`): the model keeps the source's LM head
+            (`prior_head`) and adds, at every byte whose patch prefix is a prefix of some source token, the log
+            of the trie marginal of its own global model's next-token distribution to the decoder's logits.
+        prior_floor: mixing weight of a uniform distribution in the prior (symbols the vocabulary cannot spell
+            from the current prefix keep probability ≥ prior_floor / 2·V_b).
+        prior_vocab_rows: rows of the source LM head (the prior's token distribution).
+        prior_head_bias: the source LM head has a bias.
+        prior_logit_softcap: the source's final logit soft-cap (Gemma 2/3), applied before the softmax.
+        token_exact_init: `from_source` initialises the encoder so that the pooled patch reproduces the
+            source embedding of the longest-suffix token at its last byte (recorded for the record).
         source_name_or_path: where the source came from (informational).
     """
 
@@ -62,6 +72,12 @@ class ByteliftConfig(PreTrainedConfig):
     boundary_cos_eps: float = 1e-3
     decode_boundary_bias: float = 0.0
     pooling_init_samples: int = 8192
+    source_prior: bool = False
+    prior_floor: float = 1e-3
+    prior_vocab_rows: int | None = None
+    prior_head_bias: bool = False
+    prior_logit_softcap: float | None = None
+    token_exact_init: bool = False
     source_name_or_path: str | None = None
     tie_word_embeddings: bool = False
 
@@ -80,6 +96,10 @@ class ByteliftConfig(PreTrainedConfig):
                 f"local_hidden_size={self.local_hidden_size} must be divisible by 2·local_heads={2 * self.local_heads} "
                 "(q/k are d/2 wide and split across heads)"
             )
+        if self.source_prior and self.prior_vocab_rows is None:
+            self.prior_vocab_rows = src.vocab_size
+        if not 0.0 < self.prior_floor < 1.0:
+            raise ValueError(f"prior_floor must be in (0, 1), got {self.prior_floor}")
         if self.boundary_lookahead != 1:
             raise ValueError("only boundary_lookahead=1 is implemented (the reference value)")
 

@@ -76,6 +76,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from bytelift.mlstm import FusedLinear, MLSTMState
+from bytelift.prior import NO_NODE, add_prior, prior_logprobs, token_cumsums
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID, fuse
 
 # Batching policy: the global model runs once at least this fraction of the unfinished rows closed a patch
@@ -248,8 +249,14 @@ class DecodingSession:
     model; finished rows never become ready). Set rows in `finished` to stop them.
 
     Internally only the unfinished rows are computed: `rows` (A,) are their indices into the batch, and
-    the states, the KV cache, `h_last`, `g_last`, `n_patches`, `waiting`, `history` and `kv_mask` hold
-    those A rows (see `_drop_finished`); `ready` and `finished` always cover all B rows.
+    the states, the KV cache, `h_last`, `g_last`, `n_patches`, `waiting`, `history`, `kv_mask` and the
+    source prior's `prior_cumsums` / `prior_node` hold those A rows (see `_drop_finished`); `ready` and
+    `finished` always cover all B rows.
+
+    Source prior (model.config.source_prior): per row the cumulative next-token probabilities of its latest
+    global output (`prior_cumsums`, refreshed at each of its global steps) and a trie cursor (`prior_node`,
+    the node of the bytes emitted in its current patch, advanced per byte for all rows at once); the head's
+    logits get the prior's log-probabilities added, as in the full forward.
     """
 
     def __init__(
@@ -292,6 +299,10 @@ class DecodingSession:
         self.rows = torch.arange(B, device=self.device)
         self.global_steps = 0
         self._first = True
+        self.use_prior = bool(model.config.source_prior)
+        self.trie = model.token_trie if self.use_prior else None
+        self.prior_cumsums: torch.Tensor | None = None  # (A, T+1) float64
+        self.prior_node = torch.full((B,), NO_NODE, dtype=torch.long, device=self.device)
 
     # --- prefill ---------------------------------------------------------------------------------------
 
@@ -341,6 +352,8 @@ class DecodingSession:
         if P == 0:  # nothing to run: every prompt is bos alone; no global output yet (zero) until a patch
             self.g_last = self._depool_global(h.new_zeros(B, model.config.global_hidden_size))
             self.dec_states = None
+            if self.use_prior:
+                self.prior_cumsums = self._prior_cumsums(h.new_zeros(B, model.config.global_hidden_size))
             return h.new_zeros(B, 2 * BYTE_VOCAB_SIZE)
 
         # Left-pad the patch axis: slot s of row r holds its patch s - offset_r (the reference does the
@@ -358,7 +371,10 @@ class DecodingSession:
         z = dec.depool(h[:, : L - 1], g, index)
         x, self.dec_states = dec(z, mask=mask[:, : L - 1])
         self.g_last = self._depool_global(g[:, -1])  # every row's latest prompt patch sits in slot P-1
-        return self._head(x[:, -1])
+        if self.use_prior:
+            self.prior_cumsums = self._prior_cumsums(g[:, -1])
+            self.prior_node = self.trie.prefix_nodes(ids[:, : L - 1], boundary, mask[:, : L - 1])[:, -1]
+        return self._with_prior(self._head(x[:, -1]))
 
     def forced_symbols(self, logits: torch.Tensor, boundary_bias: float = 0.0) -> torch.Tensor:
         """The first step's symbols: the last prompt byte, fused iff the head says it closes a patch.
@@ -407,6 +423,9 @@ class DecodingSession:
         else:
             h = self._encoder_step(byte, fresh, all_fresh)
             self.h_last = h if all_fresh else torch.where(fresh[:, None], h, self.h_last)
+        if self.use_prior:
+            advanced = self.trie.advance(self.prior_node, byte, flag)
+            self.prior_node = advanced if all_fresh else torch.where(fresh, advanced, self.prior_node)
         self.waiting |= fresh & flag
         ready = fresh & ~flag
         if self._global_due():
@@ -414,7 +433,7 @@ class DecodingSession:
         z = torch.addmm(self.g_last, self.h_last, self.in_w)  # g_last carries the projection's bias
         mask = None if bool(ready.all()) else ready
         x, self.dec_states = model.decoder.layers.step(z, self.dec_states, mask=mask, weights=self.dec_weights)
-        logits = self._head(x)  # (A, 2·V_b)
+        logits = self._with_prior(self._head(x))  # (A, 2·V_b)
         if everyone:
             self.ready = ready
             return logits, ready
@@ -441,6 +460,8 @@ class DecodingSession:
         self.h_last, self.g_last = self.h_last[idx], self.g_last[idx]
         self.n_patches, self.waiting, self.kv_mask = self.n_patches[idx], self.waiting[idx], self.kv_mask[idx]
         self.history = self.history[idx.cpu().numpy()]
+        if self.use_prior:
+            self.prior_cumsums, self.prior_node = self.prior_cumsums[idx], self.prior_node[idx]
         self.cache.batch_select_indices(idx)
 
     def _encoder_step(self, byte: torch.Tensor, fresh: torch.Tensor, all_fresh: bool = False) -> torch.Tensor:
@@ -463,6 +484,19 @@ class DecodingSession:
         """`model.head` for decoding: (A, d_l) -> (A, 2·V_b), its norm weight inside `head_w`."""
         x = F.rms_norm(x, x.shape[-1:], None, self.model.norm.eps)
         return torch.mm(x, self.head_w) if self.head_b is None else torch.addmm(self.head_b, x, self.head_w)
+
+    def _prior_cumsums(self, g: torch.Tensor) -> torch.Tensor:
+        """(R, d_g) global outputs -> (R, T+1) cumulative next-token probabilities in the trie's order."""
+        return token_cumsums(self.trie, self.model.prior_token_logits(g))
+
+    def _with_prior(self, logits: torch.Tensor) -> torch.Tensor:
+        """(A, 2·V_b) decoder logits -> plus the source prior of each row (unchanged without the prior)."""
+        if not self.use_prior:
+            return logits
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        log_prior, _ = prior_logprobs(self.trie, self.prior_cumsums, rows, self.prior_node,
+                                      self.model.config.prior_floor)
+        return add_prior(logits, log_prior)
 
     def _global_due(self) -> bool:
         """The `global_sync` policy: enough unfinished rows wait for the global model."""
@@ -492,10 +526,14 @@ class DecodingSession:
         if bool(served.all()) or not self.rows_computable or self.num_slots == 1:
             g = self._run_global(self.h_last[:, None], self.n_patches[:, None])[:, 0]
             self.g_last = torch.where(served[:, None], self._depool_global(g), self.g_last)
+            if self.use_prior:
+                self.prior_cumsums = torch.where(served[:, None], self._prior_cumsums(g), self.prior_cumsums)
         else:  # the other rows would be computed for nothing
             idx = served.nonzero()[:, 0]  # (R,)
             g = self._run_global(self.h_last[idx, None], self.n_patches[idx, None], rows=idx)[:, 0]
             self.g_last = self.g_last.index_copy(0, idx, self._depool_global(g))
+            if self.use_prior:
+                self.prior_cumsums = self.prior_cumsums.index_copy(0, idx, self._prior_cumsums(g))
         self.n_patches = self.n_patches + served.long()
         self.global_steps += 1
         return served

@@ -25,6 +25,9 @@ BOUNDARY_WEIGHT = 4.0
 ENCODER_WEIGHT = 4.0
 DISTILL_WEIGHT = 1.0
 CE_WEIGHT = 1.0
+# Dense per-byte distillation (stage 1; not in the reference): KL from the teacher's trie marginal at every
+# byte, weighted like the token-level distillation term.
+DENSE_DISTILL_WEIGHT = 1.0
 DISTILL_TEMPERATURE = 5.0
 # Bytes a whitespace-initial continuation starts with (the reference's Ġ, Ċ, ĉ: space, newline, tab).
 WHITESPACE_BYTES = (0x20, 0x0A, 0x09)
@@ -191,6 +194,20 @@ def distillation_loss(
     return masked_mean(binary_kl(y, y_hat, temperature), scored)
 
 
+def dense_distillation_loss(
+    logp: torch.Tensor, target_logp: torch.Tensor, scored: torch.Tensor
+) -> torch.Tensor:
+    """KL(target ‖ student) over the 2·V_b fused outputs at every scored byte, mean over those bytes.
+
+    Args:
+        logp: (B, L, 2·V_b) student log-probs; target_logp: (B, L, 2·V_b) the teacher's trie marginal
+            (`bytelift.prior`), log-probs; scored: (B, L) bool (valid, with a next byte, the prior defined).
+    """
+    target = target_logp.float()
+    kl = (target.exp() * (target - logp.float())).sum(-1)
+    return masked_mean(kl, scored)
+
+
 @dataclass
 class LossWeights:
     """Weights of the loss terms (reference values)."""
@@ -199,3 +216,4 @@ class LossWeights:
     encoder: float = ENCODER_WEIGHT
     distill: float = DISTILL_WEIGHT
     ce: float = CE_WEIGHT
+    dense_distill: float = DENSE_DISTILL_WEIGHT

@@ -8,6 +8,7 @@ Shapes: B batch, L bytes, P patches, d_l local width, d_g global (source) width,
     h, boundary ─> pool (last byte of each patch) ─> Linear ─> patches (B,P,d_g) ─> global model ─> g (B,P,d_g)
     g, h, boundary ─> depool: RMSNorm(g[patch that ended at or before t]) + Linear(h_t) ─> LocalDecoder
     ─> RMSNorm ─> LM head ─> logits (B,L,2·V_b); id k+V_b = "byte/special k, and it ends a patch"
+    [source prior on: logits += log prior (B,L,2·V_b), the trie marginal of prior_head(g) (`bytelift.prior`)]
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ from transformers.modeling_outputs import ModelOutput
 from bytelift.configuration import ByteliftConfig
 from bytelift.generation import ByteliftGenerationMixin
 from bytelift.mlstm import LocalStack, MLSTMLayer
+from bytelift.prior import TokenTrie, add_prior, prior_logprobs, token_cumsums
 from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, IGNORE_INDEX, ByteTokenizer
 
 # log p written where the predictor cannot decide (no lookahead byte, padding): finite so that losses
 # masked with `torch.where` never see inf·0, and far below log(threshold).
 UNDECIDED_LOGPROB = -1e5
+# `from_source` defaults: the source-prior output path and the token-exact encoder initialisation (the
+# model starts near its source's likelihood instead of having to learn to spell; see the README's A/B).
+DEFAULT_SOURCE_PRIOR = True
+DEFAULT_TOKEN_EXACT_INIT = True
+# Token-exact initialisation: the encoder's byte embeddings and its blocks' output projections start at this
+# fraction of their built values: small, so the pooled patch is nearly the carried subword embedding, yet
+# non-zero, so encoder states stay distinct and every weight gets gradient from the first step.
+TOKEN_EXACT_RESIDUAL_SCALE = 0.1
 
 
 @dataclass
@@ -45,6 +55,8 @@ class ByteliftOutput(ModelOutput):
     patch_mask: (B, P) bool, valid patches (rows have different patch counts).
     encoder_hidden_states: (B, L, d_l) encoder output h.
     global_hidden_states: (B, P, d_g) global model output per patch.
+    prior_logprobs: (B, L, 2·V_b) the source prior added to the decoder's logits (source_prior on; 0 where
+        it has nothing to say), so `logits - prior_logprobs` are the decoder's own.
     """
 
     loss: torch.Tensor | None = None
@@ -54,6 +66,7 @@ class ByteliftOutput(ModelOutput):
     patch_mask: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
     global_hidden_states: torch.Tensor | None = None
+    prior_logprobs: torch.Tensor | None = None
 
 
 def fold_fused_logprobs(
@@ -298,7 +311,13 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         self.decoder = LocalDecoder(config)
         self.norm = nn.RMSNorm(config.local_hidden_size, eps=config.local_norm_eps)
         self.lm_head = nn.Linear(config.local_hidden_size, config.fused_vocab_size, bias=False)
+        # The source's own LM head, for the source prior (`bytelift.prior`).
+        self.prior_head = (
+            nn.Linear(config.global_hidden_size, config.prior_vocab_rows, bias=config.prior_head_bias)
+            if config.source_prior else None
+        )
         self.tokenizer: ByteTokenizer | None = None
+        self._token_trie: TokenTrie | None = None
         self.post_init()
 
     # --- HF plumbing -----------------------------------------------------------------------------------
@@ -310,8 +329,52 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         return self.lm_head
 
     def attach_tokenizer(self, tokenizer: ByteTokenizer) -> None:
-        """The byte tokenizer provides the longest-suffix expansion when `expanded_ids` are not given."""
+        """The byte tokenizer provides the longest-suffix expansion when `expanded_ids` are not given, and the
+        source vocabulary's spellings for the source prior."""
         self.tokenizer = tokenizer
+        self._token_trie = None
+
+    @property
+    def token_trie(self) -> TokenTrie:
+        """The source vocabulary's trie (`bytelift.prior.TokenTrie`), built from the attached tokenizer once."""
+        if self._token_trie is None:
+            if self.tokenizer is None:
+                raise ValueError("the source prior needs the byte tokenizer attached (model.attach_tokenizer(...))")
+            self._token_trie = TokenTrie.from_byte_tokenizer(self.tokenizer, num_rows=self.config.prior_vocab_rows)
+        return self._token_trie
+
+    # --- the source prior ---------------------------------------------------------------------------------
+
+    def prior_token_logits(self, g: torch.Tensor) -> torch.Tensor:
+        """(..., d_g) global outputs -> (..., prior_vocab_rows) the source's next-token logits, as the source
+        computes them from its last hidden state (its LM head, then its final soft-cap if it has one)."""
+        head = self.prior_head
+        logits = F.linear(g.to(head.weight.dtype), head.weight, head.bias).float()
+        cap = self.config.prior_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def source_prior(
+        self, token_logits: torch.Tensor, input_ids: torch.Tensor, boundary_mask: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source prior at every byte: the trie marginal of the next-token distribution at the latest
+        patch that ended at or before the byte, given the bytes emitted in the current patch since.
+
+        Args:
+            token_logits: (B, P, V) next-token logits per patch (`prior_token_logits` of the global outputs,
+                or a teacher's logits at the same positions).
+            input_ids: (B, L); boundary_mask: (B, L) bool, byte t ends a patch; mask: (B, L) valid.
+        Returns:
+            log_prior (B, L, 2·V_b) float64 log-probabilities to add to the decoder's fused logits (0 where the
+            current patch prefix is no prefix of a source token, and on padding); has_prior (B, L) bool.
+        """
+        B, L = input_ids.shape
+        P = token_logits.shape[1]
+        trie = self.token_trie
+        cumsums = token_cumsums(trie, token_logits).flatten(0, 1)  # (B·P, T+1)
+        nodes = trie.prefix_nodes(input_ids, boundary_mask, mask)
+        rows = torch.arange(B, device=input_ids.device)[:, None] * P + depool_index(boundary_mask, P)
+        log_prior, has_prior = prior_logprobs(trie, cumsums, rows.flatten(), nodes.flatten(), self.config.prior_floor)
+        return log_prior.view(B, L, -1), has_prior.view(B, L)
 
     # --- pieces (also used by training and generation) ------------------------------------------------
 
@@ -419,6 +482,10 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         z = self.decoder.depool(h, g, depool_index(boundary_mask, g.shape[1]))
         x, _ = self.decoder(z, mask=mask)
         logits = self.head(x)
+        log_prior = None
+        if self.config.source_prior and patches.shape[1] > 0:
+            log_prior, _ = self.source_prior(self.prior_token_logits(g), input_ids, boundary_mask, mask)
+            logits = add_prior(logits, log_prior)
 
         loss = None
         if labels is not None:
@@ -433,6 +500,7 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
             patch_mask=patch_mask,
             encoder_hidden_states=h,
             global_hidden_states=g,
+            prior_logprobs=log_prior,
         )
 
     # --- building from a source model, saving and loading ------------------------------------------------
@@ -453,7 +521,8 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
             tokenizer: the source tokenizer (required with a loaded model unless it can be loaded from
                 `source.name_or_path`); byte-level BPE or SentencePiece with byte fallback.
             seed: seeds the random parts of the initialisation (byte embedding, pooling statistics).
-            config_overrides: ByteliftConfig fields (local_hidden_size, decoder_layers, ...).
+            config_overrides: ByteliftConfig fields (local_hidden_size, decoder_layers, ...); `source_prior` and
+                `token_exact_init` default to DEFAULT_SOURCE_PRIOR / DEFAULT_TOKEN_EXACT_INIT.
         The returned model has its ByteTokenizer attached (`model.tokenizer`).
         """
         from bytelift.sources import load_source
@@ -484,6 +553,17 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
                 [embedding(ids).float() for ids in torch.arange(num_tokens, device=embedding.weight.device).split(8192)]
             )
 
+        config_overrides.setdefault("source_prior", DEFAULT_SOURCE_PRIOR)
+        config_overrides.setdefault("token_exact_init", DEFAULT_TOKEN_EXACT_INIT)
+        source_head = source.get_output_embeddings()
+        if config_overrides["source_prior"]:
+            if source_head is None or not hasattr(source_head, "weight"):
+                raise ValueError(
+                    f"{type(source).__name__} has no LM head to keep for the source prior; pass source_prior=False"
+                )
+            config_overrides.setdefault("prior_vocab_rows", source_head.weight.shape[0])
+            config_overrides.setdefault("prior_head_bias", getattr(source_head, "bias", None) is not None)
+            config_overrides.setdefault("prior_logit_softcap", getattr(source.config, "final_logit_softcapping", None))
         config = ByteliftConfig(
             source_config=source.config.to_dict(), subword_vocab_size=num_tokens + 1, **config_overrides
         )
@@ -497,6 +577,11 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
             model = cls(config, global_model=global_model)
         model.attach_tokenizer(byte_tokenizer)
         model.initialize_from_source(token_embeddings, seed=seed)
+        if model.prior_head is not None:
+            with torch.no_grad():
+                model.prior_head.weight.copy_(source_head.weight)
+                if model.prior_head.bias is not None:
+                    model.prior_head.bias.copy_(source_head.bias)
         return model
 
     @torch.no_grad()
@@ -509,6 +594,14 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         the source embeddings (the "no subword" row zero); predictor W_q = W_k = I; pooling projection rescaled
         so that pooled patch embeddings have the source embeddings' per-dimension mean and std. (The reference
         rescales input columns, which standardises only approximately; we standardise each output dimension.)
+
+        With `config.token_exact_init` the pooled patch instead reproduces the source embedding e of the
+        longest-suffix token carried at its last byte — at a token's last byte most often that token itself —
+        so the global model starts on (nearly) its own inputs: the byte embeddings and the encoder blocks'
+        output projections are scaled by TOKEN_EXACT_RESIDUAL_SCALE (the block is then nearly the identity),
+        the encoder norm's weight is the mean RMS c of the source embeddings (its output is c·e/rms(e)), and
+        the pooling projection is the identity with zero bias (the first d_l dimensions when d_l < d_g).
+        With `config.source_prior` the decoder's LM head starts at zero, so the output starts as the prior.
         """
         cfg = self.config
         gen = torch.Generator().manual_seed(seed)
@@ -526,6 +619,18 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         enc.subword_embedding.weight[: token_embeddings.shape[0]].copy_(token_embeddings)
         self.boundary_predictor.q_proj.weight.copy_(torch.eye(d_l))
         self.boundary_predictor.k_proj.weight.copy_(torch.eye(d_l))
+        if cfg.source_prior:
+            self.lm_head.weight.zero_()
+        if cfg.token_exact_init:
+            scale = TOKEN_EXACT_RESIDUAL_SCALE
+            enc.byte_embedding.weight.mul_(scale)
+            for block in enc.layers.blocks:
+                block.mlstm.out_proj.weight.mul_(scale)
+                block.ffn.down_proj.weight.mul_(scale)
+            enc.norm.weight.fill_(float(token_embeddings.pow(2).mean(-1).sqrt().mean()))
+            self.pooling_projection.weight.copy_(torch.eye(d_g, d_l))
+            self.pooling_projection.bias.zero_()
+            return
 
         # Statistics of pooled outputs on random bytes, each position taken as its own patch.
         cols = 256
@@ -604,6 +709,7 @@ COMPONENTS = {
     "global": ("global_model",),
     "decoder": ("decoder",),
     "head": ("norm", "lm_head"),
+    "prior": ("prior_head",),
 }
 
 

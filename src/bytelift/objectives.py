@@ -20,6 +20,7 @@ from bytelift.losses import (
     IGNORE_INDEX,
     LossWeights,
     boundary_loss,
+    dense_distillation_loss,
     distillation_loss,
     encoder_loss,
     masked_mean,
@@ -27,6 +28,7 @@ from bytelift.losses import (
     teacher_logprobs,
 )
 from bytelift.modeling import ByteliftForCausalLM, depool_index, fused_labels, pool_patches
+from bytelift.prior import add_prior
 
 # The encoder loss compares hidden states after this many global layers (reference: layer 4).
 ENCODER_LOSS_LAYER = 4
@@ -102,6 +104,37 @@ def boundary_metrics(pred: torch.Tensor, gold: torch.Tensor, mask: torch.Tensor)
     return precision_recall_f1(*boundary_counts(pred, gold, mask))
 
 
+def oracle_logits(
+    model: ByteliftForCausalLM,
+    h: torch.Tensor,
+    boundary: torch.Tensor,
+    mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    teacher_last: torch.Tensor,
+    teacher_logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The decoder fed the teacher's final hidden states as patch outputs ("oracle" patches, stage 1).
+
+    Args:
+        h: (B, L, d_l) encoder states; boundary: (B, L) bool, the true token ends; mask: (B, L) valid.
+        teacher_last, teacher_logits: (B, N, d_g), (B, N, V) the teacher's last hidden states and logits, N ≥ P
+            (teacher position j ↔ patch j, see `bytelift.losses`).
+    Returns:
+        (logits (B, L, 2·V_b) with the teacher's prior added when the model has the prior path,
+        the decoder's own logits, the teacher's trie marginal (B, L, 2·V_b) log-probs or None, where it is
+        defined (B, L) bool or None). The marginal is computed when the model has the prior path.
+    """
+    P = int(boundary.sum(dim=1).max())
+    g = teacher_last[:, :P].to(h.dtype)
+    z = model.decoder.depool(h, g, depool_index(boundary, P))
+    x, _ = model.decoder(z, mask=mask)
+    decoder_logits = model.head(x)
+    if not model.config.source_prior:
+        return decoder_logits, decoder_logits, None, None
+    prior, has_prior = model.source_prior(teacher_logits[:, :P], input_ids, boundary, mask)
+    return add_prior(decoder_logits, prior), decoder_logits, prior, has_prior
+
+
 class Stage1Objective(nn.Module):
     """Subword-to-byte distillation with the global model frozen (DESIGN §2, stage 1).
 
@@ -138,6 +171,8 @@ class Stage1Objective(nn.Module):
         self.encoder_layer = encoder_layer
         self.temperature = temperature
         model.global_model.requires_grad_(False)
+        if model.prior_head is not None:  # the source's LM head belongs to the frozen global side
+            model.prior_head.requires_grad_(False)
 
     @torch.no_grad()
     def teacher(self, token_ids: torch.Tensor, token_mask: torch.Tensor):
@@ -187,15 +222,18 @@ class Stage1Objective(nn.Module):
         )
         enc = encoder_loss(s_k, t_k[:, :P], patch_mask & token_mask[:, :P])
 
-        # Oracle patches: the decoder reads the teacher's final hidden states in place of global outputs.
-        g = t_last[:, :P].to(h.dtype)
-        z = m.decoder.depool(h, g, depool_index(boundary, P))
-        x, _ = m.decoder(z, mask=mask)
-        logits = m.head(x)
+        # Oracle patches: the decoder reads the teacher's final hidden states in place of global outputs;
+        # the teacher's trie marginal at every byte is the source prior of those patches (added to the
+        # decoder's logits when the model has the prior path) and the dense distillation target.
+        logits, decoder_logits, teacher_prior, has_prior = oracle_logits(m, h, boundary, mask, ids, t_last, t_logits)
+        dense = self.weights.dense_distill > 0
+        if dense and teacher_prior is None:
+            teacher_prior, has_prior = m.source_prior(t_logits[:, :P], ids, boundary, mask)
 
         targets = fused_labels(batch["labels"].masked_fill(~mask, IGNORE_INDEX), boundary, m.config.byte_vocab_size)
         logp, lp = target_logprobs(logits, targets)
-        ce = masked_mean(-lp, targets != IGNORE_INDEX)
+        scored_bytes = targets != IGNORE_INDEX
+        ce = masked_mean(-lp, scored_bytes)
         y, ws = teacher_logprobs(t_logits, token_ids, self.whitespace_tokens)
         distill = distillation_loss(
             logp, lp, batch["patch_ids"], patch_ends, patch_mask, y, ws, token_mask, temperature=self.temperature
@@ -206,7 +244,15 @@ class Stage1Objective(nn.Module):
         w = self.weights
         loss = w.boundary * bnd + w.encoder * enc + w.distill * distill + w.ce * ce
         out = {"loss": loss, "boundary_loss": bnd, "encoder_loss": enc, "distill_loss": distill, "ce_loss": ce}
+        if dense:
+            out["dense_distill_loss"] = dense_distillation_loss(logp, teacher_prior, scored_bytes & has_prior)
+            out["loss"] = loss + w.dense_distill * out["dense_distill_loss"]
         with torch.no_grad():
+            if m.config.source_prior:  # where the bits go: the prior alone and the decoder alone
+                _, lp_prior = target_logprobs(teacher_prior, targets)
+                _, lp_decoder = target_logprobs(decoder_logits, targets)
+                out["ce_prior_only"] = masked_mean(-lp_prior, scored_bytes)
+                out["ce_decoder_only"] = masked_mean(-lp_decoder, scored_bytes)
             pred = m.predict_boundaries(boundary_logprobs, mask)
             out.update({k: torch.tensor(v) for k, v in boundary_metrics(pred, boundary, decidable).items()})
             out["bytes"] = mask.sum()

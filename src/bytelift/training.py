@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from bytelift.losses import WHITESPACE_BYTES
+from bytelift.losses import DENSE_DISTILL_WEIGHT, WHITESPACE_BYTES, LossWeights
 from bytelift.modeling import ByteliftForCausalLM, check_model_folder, fold_fused_logprobs
 from bytelift.objectives import (
     Stage1Objective,
@@ -77,6 +77,8 @@ class TrainConfig:
     save_total_limit: int = 2
     eval_steps: int = 200
     eval_windows: int = 32
+    # stage 1: weight of the dense per-byte distillation (KL from the teacher's trie marginal at every byte)
+    dense_distill_weight: float = DENSE_DISTILL_WEIGHT
     char_skill_rate: float = 0.0  # stage 2: fraction of character-skill documents mixed in
     target_bytes_per_patch: float | None = None  # stage 2: merge boundaries up to this ratio
     max_minutes: float | None = None  # wall-clock budget: stop (and save) once it is spent
@@ -147,6 +149,7 @@ def build_objective(cfg: TrainConfig) -> tuple[nn.Module, ByteTokenizer]:
             teacher_embedding=teacher_embedding,
             whitespace_tokens=whitespace_token_mask(tok, vocab_rows),
             teacher_start_id=tok.special_to_source[BOS_ID],
+            weights=LossWeights(dense_distill=cfg.dense_distill_weight),
         )
         return objective, tok
     if not cfg.init_from:
@@ -165,7 +168,8 @@ def parameter_groups(objective: nn.Module, cfg: TrainConfig) -> list[dict[str, A
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        is_global = ".global_model." in f".{name}"
+        # The source's LM head (source prior) learns at the global model's rate: both are the source's.
+        is_global = ".global_model." in f".{name}" or ".prior_head." in f".{name}"
         no_decay = any(m in name for m in NO_DECAY_MARKERS) or p.dim() < 2
         groups.setdefault((is_global, no_decay), []).append(p)
     out = []

@@ -27,6 +27,15 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         rows.append(("held-out bits/byte (lower is better)", h["bits_per_byte"]["byteified"], h["bits_per_byte"]["source"]))
         rows.append(("  folded, reference method (see note)", h["bits_per_byte_folded"]["byteified"], "–"))
         rows.append(("  ratio byteified / source", h["bits_per_byte_ratio"], "–"))
+        labels = {
+            "teacher_states": "  with the source's tokens as patches, teacher's states",
+            "own_states": "  with the source's tokens as patches, own states",
+            "own_states_prior_only": "    the source prior alone",
+            "own_states_decoder_only": "    the decoder alone",
+        }
+        for key, label in labels.items():
+            if key in h.get("bits_per_byte_parts", {}):
+                rows.append((label, h["bits_per_byte_parts"][key], h["bits_per_byte"]["source"]))
         b = h["boundaries"]
         rows.append(("boundary precision / recall / F1 vs source tokens",
                      f"{b['precision']:.3f} / {b['recall']:.3f} / {b['f1']:.3f}", "–"))

@@ -16,6 +16,7 @@ Sections (each optional through its item count):
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from bytelift.evaluation import tasks as T
 from bytelift.evaluation.scoring import ByteScorer, Scored, SourceScorer, bits_per_byte, first_line_match
 from bytelift.objectives import precision_recall_f1
-from bytelift.tokenization import BYTE_OFFSET
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET
 
 
 @dataclass
@@ -152,6 +153,11 @@ def _eval_heldout(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, 
         "bytes": sum(x.n_bytes for x in b),
         "boundaries": boundary_agreement([x.boundaries for x in b], [ends for _, ends in segmented]),
     }
+    # Where the bits go (the source's token ends as boundaries): the teacher's states vs the model's own,
+    # and with the source prior the prior alone and the decoder alone.
+    parts = byte.score_parts(segmented, source.model, tok.special_to_source.get(BOS_ID))
+    n = parts.pop("bytes")
+    out["bits_per_byte_parts"] = {k: -v / math.log(2) / max(n, 1) for k, v in parts.items()}
     if cfg.heldout_decoding:
         # The same bytes scored as generation segments them: patches closed by the head, not the predictor.
         d = byte.score_decoding([cont for _, cont in pairs])

@@ -28,8 +28,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from bytelift.generation import decoding_logprobs
-from bytelift.modeling import ByteliftForCausalLM
-from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
+from bytelift.modeling import ByteliftForCausalLM, fused_labels
+from bytelift.objectives import oracle_logits
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, IGNORE_INDEX, PAD_ID
 
 # Sequences are grouped into batches of at most this many positions (batch × longest row), which bounds
 # activation memory (the byte model's (B, L, 520) logits dominate) while keeping matmuls large.
@@ -132,6 +133,68 @@ class ByteScorer:
                     n_bytes=n, greedy=bool(hit[row, -n:].all()), boundaries=predicted[row, -n:].copy(),
                 )
         return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def score_parts(
+        self, segmented: Sequence[tuple[bytes, np.ndarray]], source_model=None, start_id: int | None = None
+    ) -> dict[str, float]:
+        """Where the bits go: total log-likelihood (nats) of texts (after bos) with the source's token ends
+        as patch boundaries, fed (a) the teacher's final states as patch outputs (`source_model` given, its
+        tokens from the byte tokenizer's source tokenizer, `start_id` first) and (b) the model's own global
+        states; with the source prior on, (b) also for the prior alone and the decoder alone.
+
+        Args:
+            segmented: (bytes, (n,) bool token ends) per text (`runner.source_segmentation`).
+        Returns:
+            {"bytes": n, "own_states": ll, ["teacher_states": ll], ["own_states_prior_only": ll,
+            "own_states_decoder_only": ll]}, each ll a sum over every text byte (the last one's flag folded).
+        """
+        totals: dict[str, float] = {"bytes": 0.0}
+        src_tok = self.tokenizer.source_tokenizer
+        for group in _batches([len(data) + 1 for data, _ in segmented], self.batch_positions):
+            batch = self._encode([segmented[i][0] for i in group])
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+            B, L = ids.shape
+            boundary = torch.zeros_like(mask)
+            for row, i in enumerate(group):  # per text, not per byte: its ends, right-aligned (left padding)
+                ends = torch.as_tensor(segmented[i][1], device=self.device)
+                boundary[row, L - len(ends) :] = ends
+                boundary[row, L - len(ends) - 1] = True  # bos
+            # Fused targets; a position scores only if it and its next byte are real (not bos's left padding).
+            target = fused_labels(ids.masked_fill(~mask, IGNORE_INDEX), boundary, BYTE_VOCAB_SIZE)
+            target = target.masked_fill(~mask, IGNORE_INDEX)
+            parts = {}
+            out = self.model(**batch, boundary_mask=boundary)
+            parts["own_states"] = out.logits
+            if out.prior_logprobs is not None:
+                parts["own_states_prior_only"] = out.prior_logprobs
+                parts["own_states_decoder_only"] = out.logits - out.prior_logprobs.to(out.logits.dtype)
+            if source_model is not None:
+                rows = [([] if start_id is None else [int(start_id)]) + src_tok.encode(
+                    segmented[i][0].decode("utf-8", "surrogateescape"), add_special_tokens=False) for i in group]
+                t_ids = pad_sequence([torch.tensor(r) for r in rows], batch_first=True).to(self.device)
+                t_mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
+                captured = {}
+                base = source_model.base_model
+                hook = base.register_forward_hook(lambda mod, a, o: captured.__setitem__("h", o.last_hidden_state))
+                try:
+                    t_logits = source_model(input_ids=t_ids, attention_mask=t_mask.to(self.device)).logits
+                finally:
+                    hook.remove()
+                h, _ = self.model.encoder(ids, batch["expanded_ids"], mask=mask)
+                parts["teacher_states"] = oracle_logits(self.model, h, boundary, mask, ids, captured["h"], t_logits)[0]
+            for key, logits in parts.items():
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                tgt = target[:, :-1]
+                lp = logp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
+                # the last byte's flag is never read: fold it, as `score` does
+                nxt = ids[:, -1]
+                last = torch.logaddexp(logp[:, -1].gather(-1, nxt[:, None])[:, 0],
+                                       logp[:, -1].gather(-1, (nxt + BYTE_VOCAB_SIZE)[:, None])[:, 0])
+                lp[:, -1] = last
+                totals[key] = totals.get(key, 0.0) + float(torch.where(tgt >= 0, lp, torch.zeros_like(lp)).sum())
+            totals["bytes"] += float(mask.sum() - B)
+        return totals
 
     def score_decoding(self, texts: Sequence[str | bytes], batch_size: int = DEFAULT_DECODING_BATCH) -> list[Scored]:
         """Log-likelihood of each text after bos under the model as it generates: patches closed by the
