@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from bytelift.cli import main
 from bytelift.convert import STATE_FILE, ConvertConfig, convert
 from bytelift.evaluation.runner import EvalConfig
+from bytelift.evaluation.tasks import SAMPLE_PROMPTS
 from tests.tiny_models import tiny_source
 
 WORDS = "the quick brown fox jumps over lazy dog and cat while birds sing in trees near river bank".split()
@@ -47,6 +48,7 @@ def test_convert_end_to_end(tiny_job):
     assert set(state["done"]) == {"corpus", "stage1", "stage2", "final", "eval", "samples"}
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["items"]["lambada"] == 2 and "bits_per_byte_ratio" in report["heldout"]
+    assert report["items"]["loops"] == len(SAMPLE_PROMPTS) == len(report["loops"]["samples"])
     assert (out / "report" / "report.md").read_text().startswith("# bytelift evaluation")
     assert (out / "report" / "training_curves.png").is_file()  # stage1/ and stage2/ logs were found
     assert "**'Hello'**" in (out / "samples.md").read_text()
@@ -136,10 +138,13 @@ def test_cli_eval_and_show(tiny_job, tmp_path, capsys):
     out = root / "out"
     rc = main(["eval", str(out), "--source", cfg.source, "--report", str(tmp_path / "r"), "--data", cfg.data[0],
                "--heldout-fraction", "0.1", "--heldout-docs", "2", "--lambada", "1", "--hellaswag", "1",
-               "--cute-per-task", "0", "--basic-skills", "1"])
+               "--cute-per-task", "0", "--basic-skills", "1", "--loop-bytes", "8"])
     assert rc == 0
     assert (tmp_path / "r" / "report.md").is_file()
     assert "| LAMBADA greedy last-word accuracy |" in capsys.readouterr().out
+    loops = json.loads((tmp_path / "r" / "report.json").read_text())["loops"]
+    assert loops["criterion"]["new_bytes"] == 8
+    assert all(len(s[name]["text"].encode()) <= 8 for s in loops["samples"] for name in ("byteified", "source"))
     rc = main(["show", str(out), "the quick brown fox", "--no-color", "--html", str(tmp_path / "v.html")])
     assert rc == 0 and "<html" in (tmp_path / "v.html").read_text().lower()
     assert main(["eval", str(tmp_path / "nothing")]) == 2

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from bytelift.corpus import EVALUATED_TASKS, PROSE_TASKS, prose_passages, stdlib_sources
 from bytelift.evaluation import tasks as T
-from bytelift.evaluation.report import markdown, write_report
+from bytelift.evaluation.report import headline_rows, markdown, write_report
 from bytelift.evaluation.runner import (
     EvalConfig,
     boundary_agreement,
@@ -20,9 +22,17 @@ from bytelift.evaluation.runner import (
     evaluate,
     source_segmentation,
 )
-from bytelift.evaluation.scoring import ByteScorer, Scored, SourceScorer, bits_per_byte, first_line_match
+from bytelift.evaluation.scoring import (
+    ByteScorer,
+    Loop,
+    Scored,
+    SourceScorer,
+    bits_per_byte,
+    find_loop,
+    first_line_match,
+)
 from bytelift.modeling import ByteliftForCausalLM
-from bytelift.tokenization import BYTE_VOCAB_SIZE
+from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID
 from tests.tiny_models import tiny_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,6 +162,129 @@ def test_first_line_match():
     assert not first_line_match("\ndog\n", "dog", stopped=False)
 
 
+# --- the looping check -----------------------------------------------------------------------------------
+
+# 62 distinct bytes: no string of 2 or more bytes occurs twice in any slice of it, nor across a join with
+# UNIT (whose bytes are not in it).
+FILLER = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+UNIT = b"~!@#$%^&"  # 8 bytes
+
+
+def fill(n: int, start: int = 0) -> bytes:
+    return FILLER[start : start + n]
+
+
+def test_find_loop_at_the_thresholds():
+    # Three copies spread over exactly 64 bytes (first start to last end): a loop; one byte more: none.
+    at = fill(5) + UNIT + fill(20, 5) + UNIT + fill(20, 25) + UNIT + fill(5, 45)
+    assert find_loop(at) == Loop(UNIT, (5, 33, 61))
+    wide = fill(5) + UNIT + fill(20, 5) + UNIT + fill(21, 25) + UNIT + fill(5, 46)
+    assert find_loop(wide) is None
+    assert find_loop(UNIT + fill(3) + UNIT) is None  # twice is not a loop
+    assert find_loop(UNIT * 2 + fill(41) + UNIT) is None  # the third copy ends 65 bytes after the first starts
+    assert find_loop(UNIT * 3) == Loop(UNIT, (0, 8, 16))
+    # A 7-byte string three times is no 8-byte repeat unless the same byte follows it each time.
+    seven = UNIT[:7]
+    assert find_loop(seven + b"a" + seven + b"b" + seven + b"c") is None
+    assert find_loop(seven + b"a" + seven + b"a" + seven + b"a") == Loop(seven + b"a", (0, 8, 16))
+    # Back to back, a 7-byte string repeats 8-byte strings with period 7; copies may not overlap, so the
+    # first loop needs starts 0, 14, 28 (36 bytes).
+    assert find_loop(seven * 6) == Loop((seven * 2)[:8], (0, 14, 28))
+    assert find_loop((seven * 6)[:35]) is None
+    # Runs of one byte loop once they hold three non-overlapping copies: 24 bytes, not 10.
+    assert find_loop(b"x:" + b" " * 40) == Loop(b" " * 8, (2, 10, 18))
+    assert find_loop(b" " * 23) is None and find_loop(b" " * 24) is not None
+    assert find_loop(b"def f(x):\n        return x\n") is None  # one indented line
+    assert find_loop(b"") is None and find_loop(b"short") is None
+    # The loop completed first is the one reported.
+    assert find_loop(fill(3) + b"B" * 30 + b"A" * 24).string == b"B" * 8
+    assert find_loop(b"AB" * 12 + b"C" * 30) == Loop(b"ABABABAB", (0, 8, 16))
+    with pytest.raises(ValueError):
+        find_loop(b"aaaa", span=0)
+
+
+def _loop_ends_brute_force(data: bytes, span: int, repeats: int, window: int) -> list[int]:
+    """Every end (last occurrence's end) of a loop, by trying all sets of occurrences."""
+    ends = []
+    for string in {data[i : i + span] for i in range(len(data) - span + 1)}:
+        starts = [i for i in range(len(data) - span + 1) if data[i : i + span] == string]
+        for chosen in itertools.combinations(starts, repeats):
+            apart = all(b - a >= span for a, b in zip(chosen, chosen[1:]))
+            if apart and chosen[-1] + span - chosen[0] <= window:
+                ends.append(chosen[-1] + span)
+    return ends
+
+
+def test_find_loop_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(300):
+        span, repeats = rng.choice([(1, 2), (2, 3), (3, 3), (2, 4)])
+        window = rng.randint(span * repeats - 1, 16)
+        data = bytes(rng.choice(b"ab" if rng.random() < 0.5 else b"abc") for _ in range(rng.randint(0, 24)))
+        loop = find_loop(data, span=span, repeats=repeats, window=window)
+        ends = _loop_ends_brute_force(data, span, repeats, window)
+        if not ends:
+            assert loop is None, (data, span, repeats, window)
+            continue
+        assert loop is not None, (data, span, repeats, window)
+        starts = loop.starts
+        assert len(starts) == repeats and all(data[i : i + span] == loop.string for i in starts)
+        assert all(b - a >= span for a, b in zip(starts, starts[1:]))
+        assert starts[-1] + span - starts[0] <= window
+        assert starts[-1] + span == min(ends)  # the loop completed first
+
+
+def _forced(model, token: int, vocab: int):
+    """A copy of `model` whose head always prefers `token` (zero weights, a bias on it)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(vocab))
+        model.lm_head.bias[token] = 5.0
+    return model
+
+
+def test_loops_section(pair, bytelevel_tokenizer):
+    model, source = pair
+    only_loops = dict(heldout_docs=0, lambada=0, hellaswag=0, cute_per_task=0, basic_skills=0,
+                      loop_prompts=("Hello", "def f(x):\n"), loop_bytes=24)
+    newline = bytelevel_tokenizer.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1
+    # The source writes newlines only (generation goes past them: 24 bytes, a loop); the byte model ends
+    # at once (no text, no loop); then the byte model writes "aaa…" (a loop).
+    looping_source = _forced(source, newline[0], source.config.vocab_size)
+    silent = _forced(model, EOS_ID, 2 * BYTE_VOCAB_SIZE)
+    r = evaluate(silent, looping_source, EvalConfig(**only_loops), log=lambda s: None)
+    assert set(r) == {"config", "seconds", "items", "loops"} and r["items"] == {"loops": 2}
+    loops = r["loops"]
+    assert loops["prompts_looping"] == {"byteified": 0, "source": 2} and loops["prompts"] == 2
+    assert [s["prompt"] for s in loops["samples"]] == ["Hello", "def f(x):\n"]
+    for s in loops["samples"]:
+        assert s["byteified"] == {"text": "", "loop": None}
+        assert s["source"] == {"text": "\n" * 24, "loop": "\n" * 8}
+    assert ("greedy samples that loop (8-byte string ×3 within 64 B)", "0/2", "2/2") in headline_rows(r)
+    md = markdown(r)
+    assert "| greedy samples that loop (8-byte string ×3 within 64 B) | 0/2 | 2/2 |" in md
+    assert "## Greedy samples (24 new bytes)" in md and "**'def f(x):\\n'**" in md
+    assert md.count("- source: " + repr("\n" * 24) + " — loops on " + repr("\n" * 8)) == 2
+
+    repeating = _forced(model, ord("a") + BYTE_OFFSET, 2 * BYTE_VOCAB_SIZE)
+    r = evaluate(repeating, source, EvalConfig(**only_loops), log=lambda s: None)
+    assert r["loops"]["prompts_looping"]["byteified"] == 2
+    assert all(s["byteified"] == {"text": "a" * 24, "loop": "a" * 8} for s in r["loops"]["samples"])
+    # The untouched random source: its count is the number of its samples find_loop flags, each judged on
+    # at most 24 bytes.
+    texts = [s["source"]["text"].encode() for s in r["loops"]["samples"]]
+    assert all(len(t) <= 24 for t in texts)
+    assert r["loops"]["prompts_looping"]["source"] == sum(find_loop(t) is not None for t in texts)
+
+    # A count of 0 skips the section: no results, no row, no samples.
+    for skip in (dict(loop_bytes=0), dict(loop_prompts=())):
+        r = evaluate(repeating, source, EvalConfig(**{**only_loops, **skip}), log=lambda s: None)
+        assert "loops" not in r and r["items"] == {}
+        assert not headline_rows(r) and "Greedy samples" not in markdown(r)
+
+
 # --- metrics ----------------------------------------------------------------------------------------------
 
 
@@ -238,9 +371,10 @@ def test_evaluate_and_report(pair, tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps."}) + "\n" for i in range(60)))
     cfg = EvalConfig(data=[str(corpus)], heldout_fraction=0.3, heldout_docs=3, lambada=2, hellaswag=2,
-                     cute_per_task=1, basic_skills=1)
+                     cute_per_task=1, basic_skills=1, loop_bytes=16)
     r = evaluate(model, source, cfg, log=lambda s: None)
-    assert r["items"] == {"heldout": 3, "lambada": 2, "hellaswag": 2, "characters": 15}
+    assert r["items"] == {"heldout": 3, "lambada": 2, "hellaswag": 2, "characters": 15, "loops": 4}
+    assert [s["prompt"] for s in r["loops"]["samples"]] == list(T.SAMPLE_PROMPTS)
     assert r["heldout"]["bits_per_byte"]["byteified"] > 0
     assert 0 <= r["heldout"]["boundaries"]["f1"] <= 1
     dec = r["heldout"]["decoding"]
@@ -254,6 +388,7 @@ def test_evaluate_and_report(pair, tmp_path):
     assert saved["heldout"]["bits_per_byte"] == r["heldout"]["bits_per_byte"]
     md = written["markdown"].read_text()
     assert "| HellaSwag acc_norm |" in md and "| held-out bits/byte" in md and "as generation segments it" in md
+    assert "| greedy samples that loop (8-byte string ×3 within 64 B) |" in md and "## Greedy samples" in md
     for key in ("tasks_plot", "curves_plot"):
         assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown(r) == md

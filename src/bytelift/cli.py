@@ -250,8 +250,8 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-# Evaluation item counts exposed as --flags (EvalConfig fields).
-EVAL_COUNTS = ("heldout_docs", "lambada", "hellaswag", "cute_per_task", "basic_skills")
+# Evaluation item counts exposed as --flags (EvalConfig fields; loop_bytes counts new bytes per sample).
+EVAL_COUNTS = ("heldout_docs", "lambada", "hellaswag", "cute_per_task", "basic_skills", "loop_bytes")
 
 
 def _add_eval_counts(p) -> None:
@@ -259,8 +259,9 @@ def _add_eval_counts(p) -> None:
 
     defaults = EvalConfig()
     for key in EVAL_COUNTS:
+        what = "new bytes per greedy sample of the looping check" if key == "loop_bytes" else "items"
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int,
-                       help=f"items (default {getattr(defaults, key)}; 0 skips the section)")
+                       help=f"{what} (default {getattr(defaults, key)}; 0 skips the section)")
 
 
 def build_parser() -> argparse.ArgumentParser:

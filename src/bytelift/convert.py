@@ -29,15 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from bytelift.evaluation.runner import EvalConfig
+from bytelift.evaluation.tasks import SAMPLE_PROMPTS
 from bytelift.sources import DEFAULT_SOURCE
 
 STATE_FILE = "convert_state.json"
-SAMPLE_PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Spell 'house':",
-    "Once upon a time,",
-)
 # Minutes set aside for loading models and saving between steps (measured ~1 min for SmolLM2), and for
 # calibrating stage 2's decoding threshold (TrainConfig.calibrate_decoding).
 OVERHEAD_MINUTES = 2.5
@@ -55,7 +50,8 @@ class ConvertConfig:
     output: str = "runs/smollm2-135m-bytes"
     budget_minutes: float = 30.0
     # reserve for the evaluation and samples (measured 4.8 min on a busy machine, before the held-out section
-    # also scored the text as decoding segments it: ~1.5 min more for SmolLM2)
+    # also scored the text as decoding segments it: ~1.5 min more for SmolLM2, and before the looping check's
+    # greedy samples of both models: ~0.3 min more on idle cores)
     eval_minutes: float = 7.0
     stage1_share: float = 0.65  # of the training time
     stage1_steps: int | None = None  # fixed step counts instead of time (tests, reproductions)

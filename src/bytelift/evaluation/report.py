@@ -1,5 +1,6 @@
-"""The evaluation report: `report.json` (everything), `report.md` (the comparison table) and PNG plots
-(per-task bars; training curves when the model folder holds training logs)."""
+"""The evaluation report: `report.json` (everything), `report.md` (the comparison table and the greedy
+samples of the looping check) and PNG plots (per-task bars; training curves when the model folder holds
+training logs)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,30 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         rows.append(("character suite, mean exact match", r["mean"]["byteified"], r["mean"]["source"]))
         for task, v in sorted(r["tasks"].items()):
             rows.append((f"  {task}", v["byteified"], v["source"]))
+    if "loops" in results:
+        r, c = results["loops"], results["loops"]["criterion"]
+        n = r["prompts"]
+        rows.append((f"greedy samples that loop ({c['span']}-byte string ×{c['repeats']} within {c['window']} B)",
+                     f"{r['prompts_looping']['byteified']}/{n}", f"{r['prompts_looping']['source']}/{n}"))
     return rows
+
+
+def sample_lines(results: dict[str, Any]) -> list[str]:
+    """The loops section's greedy samples as markdown: each prompt, both continuations, the repeated
+    string where one loops (empty without that section)."""
+    if "loops" not in results:
+        return []
+    r = results["loops"]
+    lines = ["", f"## Greedy samples ({r['criterion']['new_bytes']} new bytes)", ""]
+    for sample in r["samples"]:
+        lines.append(f"**{sample['prompt']!r}**")
+        lines.append("")
+        for name in ("byteified", "source"):
+            s = sample[name]
+            loop = f" — loops on {s['loop']!r}" if s["loop"] is not None else ""
+            lines.append(f"- {name}: {s['text']!r}{loop}")
+        lines.append("")
+    return lines[:-1]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -74,6 +98,7 @@ def markdown(results: dict[str, Any]) -> str:
               "byteified model its predicted patches, fused flags included), a lower bound of each model's "
               "likelihood. The folded figure marginalises the end-of-patch flag at every byte as the reference "
               "does, which conditions each byte on one bit of its own future, so it is optimistic."]
+    lines += sample_lines(results)
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,10 @@ Sections (each optional through its item count):
   segments them (the head's flags at the model's decoding threshold): bits per byte and bytes per patch;
 - LAMBADA: bits per byte of the last word and greedy last-word accuracy;
 - HellaSwag: acc_norm (log-likelihood per byte of each ending);
-- character suite: `basic_skills_string_operations` and CUTE-style tasks, greedy exact match.
+- character suite: `basic_skills_string_operations` and CUTE-style tasks, greedy exact match;
+- loops: greedy continuations of the sample prompts by both models, each checked for a loop (`find_loop`:
+  an 8-byte string 3 times within 64 bytes), and how many prompts loop for each model (the byteified model
+  should loop on no more of them than its source).
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ import torch
 from tqdm.auto import tqdm
 
 from bytelift.evaluation import tasks as T
-from bytelift.evaluation.scoring import ByteScorer, Scored, SourceScorer, bits_per_byte, first_line_match
+from bytelift.evaluation.scoring import (
+    LOOP_REPEATS,
+    LOOP_SPAN,
+    LOOP_WINDOW,
+    ByteScorer,
+    Scored,
+    SourceScorer,
+    bits_per_byte,
+    find_loop,
+    first_line_match,
+)
 from bytelift.objectives import precision_recall_f1
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET
 
@@ -50,6 +63,8 @@ class EvalConfig:
     cute_per_task: int = 4  # × 14 tasks
     cute_shots: int = T.DEFAULT_SHOTS
     basic_skills: int = 20
+    loop_prompts: tuple[str, ...] = T.SAMPLE_PROMPTS  # continued greedily by both models, checked for loops
+    loop_bytes: int = 128  # new bytes per continuation (the source: its first this many bytes); 0 skips
     seed: int = 0
     batch_positions: int = 8192
 
@@ -125,6 +140,7 @@ def evaluate(
     sections = [
         ("heldout", cfg.heldout_docs), ("lambada", cfg.lambada), ("hellaswag", cfg.hellaswag),
         ("characters", cfg.cute_per_task + cfg.basic_skills),
+        ("loops", len(cfg.loop_prompts) if cfg.loop_bytes > 0 else 0),
     ]
     bar = tqdm([s for s, n in sections if n > 0], desc="evaluating", unit="section")
     for name in bar:
@@ -221,9 +237,35 @@ def _eval_characters(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfi
     return {"tasks": per_task, "mean": mean, "examples": examples}
 
 
+def _eval_loops(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict) -> dict[str, Any]:
+    """Greedy continuations of `loop_prompts`, past newlines, and the loop `find_loop` sees in each. The
+    source generates `loop_bytes` tokens and is judged, like the byteified model, on at most `loop_bytes`
+    bytes (either may stop earlier at end of sequence)."""
+    prompts = list(cfg.loop_prompts)
+    items["loops"] = len(prompts)
+    samples: list[dict[str, Any]] = [{"prompt": p} for p in prompts]
+    looping = {}
+    for name, scorer in (("byteified", byte), ("source", source)):
+        outputs = scorer.generate(prompts, [cfg.loop_bytes] * len(prompts), stop_at_newline=False)
+        for sample, (text, _) in zip(samples, outputs):
+            # The decoded text (invalid bytes read as U+FFFD by both tokenizers, so valid UTF-8): its first
+            # loop_bytes bytes, less a character the cut would split, so the report's text is what was judged.
+            text = text.encode()[: cfg.loop_bytes].decode("utf-8", "ignore")
+            loop = find_loop(text.encode())
+            sample[name] = {"text": text, "loop": None if loop is None else loop.string.decode("utf-8", "replace")}
+        looping[name] = sum(sample[name]["loop"] is not None for sample in samples)
+    return {
+        "prompts_looping": _pair(looping["byteified"], looping["source"]),
+        "prompts": len(prompts),
+        "criterion": {"span": LOOP_SPAN, "repeats": LOOP_REPEATS, "window": LOOP_WINDOW, "new_bytes": cfg.loop_bytes},
+        "samples": samples,
+    }
+
+
 # Section name -> its runner (byte scorer, source scorer, byte tokenizer, config, item counts) -> results.
 SECTIONS = {
     "heldout": _eval_heldout, "lambada": _eval_lambada, "hellaswag": _eval_hellaswag, "characters": _eval_characters,
+    "loops": _eval_loops,
 }
 
 
@@ -241,6 +283,10 @@ def summary_line(section: str, r: dict[str, Any]) -> str:
                 f"{r['bits_per_byte']['byteified']:.3f} vs {r['bits_per_byte']['source']:.3f}")
     if section == "hellaswag":
         return f"acc_norm {r['acc_norm']['byteified']:.3f} vs {r['acc_norm']['source']:.3f}"
+    if section == "loops":
+        n = r["prompts"]
+        return (f"greedy samples that loop: {r['prompts_looping']['byteified']}/{n} "
+                f"vs source {r['prompts_looping']['source']}/{n}")
     return f"exact match (mean over tasks) {r['mean']['byteified']:.3f} vs {r['mean']['source']:.3f}"
 
 

@@ -3,7 +3,8 @@
 Every evaluation figure comes from two primitives applied to both models on the same strings:
 - `score(pairs)`: the log-likelihood of each continuation given its context, with the number of bytes it
   covers and whether greedy decoding would have produced it;
-- `generate(prompts, max_new_bytes)`: greedy continuations, for exact-match tasks.
+- `generate(prompts, max_new_bytes)`: greedy continuations, for exact-match tasks and the looping check
+  (`find_loop`).
 
 How the two models' likelihoods are made comparable. The source scores one segmentation of the text (its
 canonical tokenisation): log p(x, tokens) ≤ log p(x). The byte model likewise scores the pair (bytes,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +42,13 @@ DEFAULT_BATCH_POSITIONS = 8192
 DEFAULT_MAX_BYTES = 4096
 # Rows decoded together by `score_decoding` (a decoding step costs about as much for 1 row as for a few).
 DEFAULT_DECODING_BATCH = 16
+# The looping check (`find_loop`): a text loops when some LOOP_SPAN-byte string occurs LOOP_REPEATS times
+# within LOOP_WINDOW bytes. 8 bytes is longer than most words with their space, so a common word recurring is
+# not a repeat; twice can be a parallel phrase or a quotation, three times is a pattern; 64 bytes keeps the
+# copies close together, as a decoder stuck in a cycle writes them, not a refrain across paragraphs.
+LOOP_SPAN = 8
+LOOP_REPEATS = 3
+LOOP_WINDOW = 64
 
 
 @dataclass
@@ -86,6 +95,47 @@ def first_line_match(generated: str, answer: str, stopped: bool) -> bool:
     be complete (a newline followed, or generation stopped at end of sequence)."""
     line, newline, _ = generated.partition("\n")
     return line.strip() == answer.strip() and (bool(newline) or stopped)
+
+
+class Loop(NamedTuple):
+    """A repeated string found by `find_loop` and the offsets of the occurrences it counted."""
+
+    string: bytes
+    starts: tuple[int, ...]
+
+
+def find_loop(data: bytes, span: int = LOOP_SPAN, repeats: int = LOOP_REPEATS,
+              window: int = LOOP_WINDOW) -> Loop | None:
+    """The first loop in `data`: a `span`-byte string that occurs `repeats` times, no two occurrences
+    overlapping, all inside `window` bytes (from the first one's start to the last one's end); None if
+    there is none.
+
+    Occurrences must not overlap so that a repeat means the whole string written again: a run of one byte
+    loops once it holds `repeats` × `span` bytes (24 spaces at the defaults), a text of period p ≤ `span`
+    once it holds `repeats` full copies of the string, and shorter runs do not count. Code can trip it
+    without looping: short lines that begin alike (a newline and the same indent of 7 or more spaces, or
+    the same indent and first word) repeat those 8 bytes, so three of them within `window` bytes count.
+    "First" is the loop completed earliest: the smallest end of its last occurrence. For that last
+    occurrence the earlier ones are taken as late as possible (each the latest at least `span` bytes before
+    the next), which spreads them least, so no loop ending there is missed. O(len(data) × window)."""
+    if span < 1 or repeats < 1:
+        raise ValueError(f"span and repeats must be positive, got span={span}, repeats={repeats}")
+    data = bytes(data)
+    seen: dict[bytes, list[int]] = {}  # string -> its start offsets so far, increasing
+    for last in range(len(data) - span + 1):
+        string = data[last : last + span]
+        starts = seen.setdefault(string, [])
+        starts.append(last)
+        chain = [last]
+        for k in range(len(starts) - 2, -1, -1):
+            start = starts[k]
+            if len(chain) == repeats or last + span - start > window:
+                break
+            if start <= chain[-1] - span:
+                chain.append(start)
+        if len(chain) == repeats:
+            return Loop(string, tuple(reversed(chain)))
+    return None
 
 
 class ByteScorer:
@@ -220,14 +270,17 @@ class ByteScorer:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], max_new_bytes: Sequence[int]) -> list[tuple[str, bool]]:
-        """Greedy continuations (stopping at a newline); returns (text, stopped_by_eos) per prompt."""
+    def generate(self, prompts: Sequence[str], max_new_bytes: Sequence[int],
+                 stop_at_newline: bool = True) -> list[tuple[str, bool]]:
+        """Greedy continuations (stopping at a newline unless told not to); returns (text, stopped_by_eos)
+        per prompt."""
         out: list[tuple[str, bool] | None] = [None] * len(prompts)
         lengths = [len(_as_bytes(p)) + m for p, m in zip(prompts, max_new_bytes)]
         for group in _batches(lengths, self.batch_positions):
             batch = self._encode([_as_bytes(prompts[i])[-self.max_bytes:] for i in group])
             res = self.model.generate(
-                **batch, max_new_bytes=max(max_new_bytes[i] for i in group), stop_strings=["\n"], return_dict=True,
+                **batch, max_new_bytes=max(max_new_bytes[i] for i in group),
+                stop_strings=["\n"] if stop_at_newline else None, return_dict=True,
             )
             for row, i in enumerate(group):
                 n = int(res.num_new_bytes[row])
@@ -294,9 +347,11 @@ class SourceScorer:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], max_new_bytes: Sequence[int]) -> list[tuple[str, bool]]:
+    def generate(self, prompts: Sequence[str], max_new_bytes: Sequence[int],
+                 stop_at_newline: bool = True) -> list[tuple[str, bool]]:
         """Greedy continuations, at most as many tokens as bytes asked for (a token holds ≥ 1 byte),
-        cut at the first newline; (text, stopped_by_eos) per prompt."""
+        stopping after the token that makes a newline unless told not to; (text, stopped_by_eos) per
+        prompt."""
         encoded = [self.start + self._ids(_as_bytes(p)[-self.max_bytes:]) for p in prompts]
         out: list[tuple[str, bool] | None] = [None] * len(prompts)
         eos = self.tokenizer.eos_token_id
@@ -304,7 +359,8 @@ class SourceScorer:
             ids, mask = self._padded([encoded[i] for i in group], left=True)
             gen = self.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(max_new_bytes[i] for i in group),
-                pad_token_id=self.pad_id, eos_token_id=eos, stop_strings=["\n"], tokenizer=self.tokenizer,
+                pad_token_id=self.pad_id, eos_token_id=eos,
+                stop_strings=["\n"] if stop_at_newline else None, tokenizer=self.tokenizer,
             )
             for row, i in enumerate(group):
                 new = gen[row, ids.shape[1]:].tolist()

