@@ -197,11 +197,12 @@ def equal_cost_ratio(model, source, bytes_per_token: float, bytes_per_patch: flo
     reads every weight it multiplies once, batch 1; at batch 16 multiply-adds per row scale the same way).
 
     Per byte the byteified model runs its local step (encoder stack, decoder input projection and stack,
-    head) and 1/bytes_per_patch of a global step (pooling projection, transformer, global projection); the
-    source runs 1/bytes_per_token of its step (transformer and LM head).
+    head) and 1/bytes_per_patch of a global step (pooling projection, transformer, global projection, the
+    source prior's LM head when the model has one); the source runs 1/bytes_per_token of its step (transformer and LM head).
     """
     local = matmul_params(model.encoder.layers, model.decoder.in_projection, model.decoder.layers, model.lm_head)
-    per_patch = matmul_params(model.pooling_projection, model.global_model, model.decoder.global_projection)
+    per_patch = matmul_params(model.pooling_projection, model.global_model, model.decoder.global_projection,
+                              model.prior_head)  # the source prior's LM head runs once per global step
     return (matmul_params(source) / bytes_per_token) / (local + per_patch / bytes_per_patch)
 
 
@@ -246,6 +247,9 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true",
                         help=f"both models sample (temperature {TEMPERATURE}, seeded) instead of greedy decoding: "
                              "a trained model's patches then follow ordinary text, not greedy loops")
+    parser.add_argument("--no-prior", action="store_true",
+                        help="convert without the source-prior output path (the decoder alone; by default the "
+                             "model adds the source's LM head and trie marginal at every global step and byte)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,6 +265,8 @@ def main() -> None:
     else:
         source, tok = load_source("smollm2-135m")
         overrides = {} if args.local_width is None else {"local_hidden_size": args.local_width}
+        if args.no_prior:
+            overrides["source_prior"] = False
         model = ByteliftForCausalLM.from_source("smollm2-135m", **overrides).to(dtype).eval()  # own copy of the transformer
     source = source.to(dtype).eval()
     texts = prompts(args.prompt_bytes)
@@ -348,7 +354,7 @@ def main() -> None:
                        for key, bpp in measured.items()})
     result.update(bytes_per_token=bpt, bytes_per_patch=rate or measured, model=args.model or "untrained",
                   boundary_bias=shown_bias, sample=args.sample, threads=torch.get_num_threads(), dtype=args.dtype,
-                  local_width=model.config.local_hidden_size,
+                  local_width=model.config.local_hidden_size, source_prior=bool(model.config.source_prior),
                   repeats=args.repeats)
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}))
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from bytelift.losses import DENSE_DISTILL_WEIGHT, WHITESPACE_BYTES, LossWeights
+from bytelift.losses import BOUNDARY_WEIGHT, DENSE_DISTILL_WEIGHT, ENCODER_WEIGHT, WHITESPACE_BYTES, LossWeights
 from bytelift.modeling import ByteliftForCausalLM, check_model_folder, fold_fused_logprobs
 from bytelift.objectives import (
     Stage1Objective,
@@ -77,7 +77,10 @@ class TrainConfig:
     save_total_limit: int = 2
     eval_steps: int = 200
     eval_windows: int = 32
-    # stage 1: weight of the dense per-byte distillation (KL from the teacher's trie marginal at every byte)
+    # Loss weights (reference values; the dense per-byte distillation, stage 1, is ours: the KL from the
+    # teacher's trie marginal at every byte).
+    boundary_loss_weight: float = BOUNDARY_WEIGHT
+    encoder_loss_weight: float = ENCODER_WEIGHT
     dense_distill_weight: float = DENSE_DISTILL_WEIGHT
     char_skill_rate: float = 0.0  # stage 2: fraction of character-skill documents mixed in
     target_bytes_per_patch: float | None = None  # stage 2: merge boundaries up to this ratio
@@ -121,6 +124,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(boundary=self.boundary_loss_weight, encoder=self.encoder_loss_weight,
+                           dense_distill=self.dense_distill_weight)
+
 
 def whitespace_token_mask(tokenizer: ByteTokenizer, size: int) -> torch.Tensor:
     """(size,) bool: source tokens whose bytes start with a space, newline or tab."""
@@ -149,14 +156,14 @@ def build_objective(cfg: TrainConfig) -> tuple[nn.Module, ByteTokenizer]:
             teacher_embedding=teacher_embedding,
             whitespace_tokens=whitespace_token_mask(tok, vocab_rows),
             teacher_start_id=tok.special_to_source[BOS_ID],
-            weights=LossWeights(dense_distill=cfg.dense_distill_weight),
+            weights=cfg.loss_weights(),
         )
         return objective, tok
     if not cfg.init_from:
         raise ValueError("stage 2 starts from a stage-1 model: pass init_from (--init-from)")
     check_model_folder(cfg.init_from)
     model = ByteliftForCausalLM.from_pretrained(cfg.init_from)
-    return Stage2Objective(model), model.tokenizer
+    return Stage2Objective(model, weights=cfg.loss_weights()), model.tokenizer
 
 
 def parameter_groups(objective: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
