@@ -21,6 +21,7 @@ from bytelift.data import (
     load_corpus,
     mix_documents,
     patch_boundaries,
+    split_document,
 )
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, ByteTokenizer, gpt2_byte_to_unicode
 from tests.tiny_tokenizers import SAMPLE_TEXTS
@@ -184,6 +185,7 @@ def test_heldout_split_disjoint_and_order_independent(tmp_path):
 def _dataset(tok, docs=DOCS, **kwargs) -> ByteWindowDataset:
     kwargs.setdefault("window_tokens", 24)
     kwargs.setdefault("byte_expansion_factor", 100)
+    kwargs.setdefault("document_piece_bytes", 0)  # whole documents, unless a test cuts them
     return ByteWindowDataset(docs, tok, **kwargs)
 
 
@@ -313,6 +315,157 @@ def test_dataloader_and_char_skill_mixing(byte_tok, monkeypatch):
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: type("Info", (), {"num_workers": 2})())
     with pytest.raises(ValueError, match="num_workers"):
         next(iter(ds))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Long documents cut into pieces before the document shuffle
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _long_document(i: int, lines: int, seed: int = 0) -> str:
+    """A multi-line document (code-like lines of varied length, some in other scripts), distinct per i."""
+    rng = np.random.default_rng([seed, i])
+    samples = list(SAMPLE_TEXTS.values())
+    out = []
+    for j in range(lines):
+        words = " ".join(WORDS[k] for k in rng.integers(len(WORDS), size=int(rng.integers(0, 12))))
+        extra = samples[j % len(samples)][: int(rng.integers(0, 30))].replace("\n", " ") if j % 3 == 0 else ""
+        out.append(f"{'    ' * int(rng.integers(3))}line_{i}_{j} = {words!r} {extra}".rstrip())
+    return "\n".join(out) + ("\n" if i % 2 else "")
+
+
+def _byte_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def test_split_document_hand_examples():
+    assert split_document("aaa\nbb\ncccc\n", 6) == ["aaa\n", "bb\n", "cccc\n"]
+    assert split_document("aaa\nbb\ncccc\n", 12) == ["aaa\nbb\ncccc\n"]  # within the limit: whole
+    assert split_document("aaa\nbb\ncccc\n", 0) == split_document("aaa\nbb\ncccc\n", None) == ["aaa\nbb\ncccc\n"]
+    assert split_document("ab\n" * 4, 6) == ["ab\nab\n", "ab\nab\n"]  # at line ends
+    assert split_document("a\n" * 7, 12) == ["a\n" * 3, "a\n" * 4]  # balanced: not 12 bytes + a 2-byte rest
+    assert split_document("é" * 5, 3) == ["é"] * 5  # a line over the limit: cut between characters
+    assert split_document("x\n" + "y" * 10 + "\nz", 4) == ["x\n", "yyyy", "yyyy", "yy\nz"]
+
+
+@pytest.mark.parametrize("max_bytes", [7, 40, 100, 333])
+def test_split_document_limit_line_breaks_and_round_trip(max_bytes):
+    docs = [_long_document(i, 40) for i in range(6)] + list(SAMPLE_TEXTS.values())
+    docs += ["x" * 500, "no newline at all " * 30, "\n\n\n" * 60, "a\ud800b\n" * 90, "🚀" * 100 + "\n" + "é" * 77]
+    cut_lines = 0
+    for doc in docs:
+        pieces = split_document(doc, max_bytes)
+        assert "".join(pieces) == doc and all(pieces)
+        assert (len(pieces) == 1) == (_byte_len(doc) <= max_bytes)
+        assert all(_byte_len(p) <= max_bytes for p in pieces)
+        lines = [_byte_len(line) for line in doc.split("\n")]  # without their "\n"
+        ends = np.cumsum([n + 1 for n in lines])  # byte offset after each line's "\n" (the last: one past)
+        for cut in np.cumsum([_byte_len(p) for p in pieces])[:-1]:
+            if cut in ends:
+                continue  # at a line end
+            k = int(np.searchsorted(ends, cut))  # the cut is inside line k: only a line over the limit
+            assert lines[k] + 1 > max_bytes, (doc[:40], max_bytes, cut)
+            cut_lines += 1
+    assert cut_lines > 0
+
+
+def _doc_of_window(ds: ByteWindowDataset, docs: list[str], monkeypatch) -> np.ndarray:
+    """(windows,) index of the document most of each window's tokens come from (tokens tagged by document)."""
+    owner = {}
+    for i, doc in enumerate(docs):
+        for piece in split_document(doc, ds.document_piece_bytes):
+            owner.setdefault(piece, i + 1)
+    shift = 1 << 24
+    original = ByteWindowDataset._tokenize
+    monkeypatch.setattr(ByteWindowDataset, "_tokenize",
+                        lambda self, texts: [ids + shift * owner[t] for ids, t in zip(original(self, texts), texts)])
+    out = []
+    for w in ds.token_windows(0):
+        tags = w[w != ds.separator_id] // shift - 1
+        out.append(int(np.bincount(tags).argmax()))
+    monkeypatch.setattr(ByteWindowDataset, "_tokenize", original)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", ["list", "dataset", "streaming"])
+def test_pieces_spread_a_long_document_over_the_epoch(byte_tok, tmp_path, monkeypatch, kind):
+    long_doc = _long_document(0, 50)  # 3 KB: about a fifth of the corpus's windows
+    docs = [long_doc] + DOCS
+    if kind == "list":
+        corpus = docs
+    else:
+        (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+        corpus, _ = load_corpus(tmp_path, split=None, streaming=kind == "streaming")
+    runs, stretch = {}, {}
+    for piece_bytes in (0, 256):
+        ds = _dataset(byte_tok, corpus, seed=2, window_shuffle_buffer=8, document_piece_bytes=piece_bytes)
+        owner = _doc_of_window(ds, docs, monkeypatch)
+        is_long = owner == 0
+        assert 0.1 < is_long.mean() < 0.5
+        runs[piece_bytes] = max(len(list(g)) for v, g in itertools.groupby(is_long) if v)
+        stretch[piece_bytes] = max(is_long[i : i + 40].sum() for i in range(len(owner) - 39))
+    # Whole: the long document fills a long stretch of consecutive windows (a run of 69-83 windows); in
+    # pieces it is mixed in (runs of 6-7, at most 23 of any 40 consecutive windows).
+    assert runs[0] >= 40 and stretch[0] == 40
+    assert runs[256] <= runs[0] // 4 and stretch[256] <= 30, (runs, stretch)
+
+
+@pytest.mark.parametrize("kind", ["list", "dataset", "streaming"])
+def test_resume_with_pieces_continues_exactly(byte_tok, tmp_path, kind):
+    docs = DOCS[:30] + [_long_document(i, 30) for i in range(6)]
+    if kind == "list":
+        corpus = docs
+    else:
+        (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+        corpus, _ = load_corpus(tmp_path, split=None, streaming=kind == "streaming")
+    kwargs = dict(seed=7, epochs=2, window_shuffle_buffer=8, convert_batch=5, tokenize_batch=4, rank=1,
+                  world_size=2, document_piece_bytes=150)
+    reference_ds = _dataset(byte_tok, corpus, **kwargs)
+    units = list(reference_ds.documents(0))
+    assert len(units) > len(docs) // 2 + 10  # this rank's share of the pieces
+    assert sorted(units + list(_dataset(byte_tok, corpus, **{**kwargs, "rank": 0}).documents(0))) == sorted(
+        p for d in docs for p in split_document(d, 150))  # every piece once, over the two ranks
+    reference = [ex["token_ids"].tolist() for ex in reference_ds]
+    per_epoch = len(list(_dataset(byte_tok, corpus, **{**kwargs, "epochs": 1})))
+    for stop in (4, per_epoch - 1, per_epoch + 3):
+        first = _dataset(byte_tok, corpus, **kwargs)
+        head = [ex["token_ids"].tolist() for ex in itertools.islice(iter(first), stop)]
+        state = first.state_dict()
+        torch.save(state, tmp_path / "state.pt")
+        for saved in (torch.load(tmp_path / "state.pt", weights_only=True),
+                      {"epoch": state["epoch"], "consumed": state["consumed"]}):
+            resumed = _dataset(byte_tok, corpus, **kwargs)
+            resumed.load_state_dict(saved)
+            if kind != "streaming":  # (load_corpus's streaming generator is a local function: not picklable)
+                resumed = pickle.loads(pickle.dumps(resumed))
+            assert head + [ex["token_ids"].tolist() for ex in resumed] == reference, (stop, sorted(saved))
+    # The count of documents read depends on the piece size: a state of another size is refused.
+    legacy = {k: v for k, v in state.items() if k != "document_piece_bytes"}  # counted whole documents
+    for other in ({**state, "document_piece_bytes": 0}, legacy):
+        with pytest.raises(ValueError, match="document_piece_bytes"):
+            _dataset(byte_tok, corpus, **kwargs).load_state_dict(other)
+
+
+def test_pieces_leave_the_heldout_split_whole(byte_tok, tmp_path):
+    from bytelift.training import TrainConfig, _datasets
+
+    docs = [_long_document(i, 20 + i % 7) for i in range(40)] + DOCS[:20]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    cfg = TrainConfig(data=[str(tmp_path)], heldout_fraction=0.3, window_tokens=24, document_piece_bytes=120)
+    train, evals, _ = _datasets(cfg, byte_tok, 0, 1)
+    held = [d for d in docs if is_heldout(d, 0.3)]
+    kept = [d for d in docs if not is_heldout(d, 0.3)]
+    assert any(_byte_len(d) > 120 for d in held) and any(_byte_len(d) > 120 for d in kept)
+    # Training reads the pieces of the training documents only (the split is by whole document).
+    assert sorted(train.documents(0)) == sorted(p for d in kept for p in split_document(d, 120))
+    assert train.document_piece_bytes == 120
+    # The held-out set is read whole, in order: its windows do not depend on the option.
+    assert evals.document_piece_bytes == 0 and list(evals.documents(0)) == held
+    whole = ByteWindowDataset(evals.corpus, byte_tok, window_tokens=24, epochs=1, shuffle=False, document_piece_bytes=0)
+    assert [e["token_ids"].tolist() for e in evals] == [e["token_ids"].tolist() for e in whole]
+    # By default the pieces are a few windows long.
+    assert TrainConfig().document_piece_bytes is None
+    assert _dataset(byte_tok, document_piece_bytes=None, window_tokens=128).document_piece_bytes == 2048
 
 
 # ---------------------------------------------------------------------------------------------------------

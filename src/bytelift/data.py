@@ -4,7 +4,8 @@ Pipeline (DESIGN §2 "Data", reference spec §6.1)::
 
     files (.txt / .jsonl / .parquet, folders) ──load_corpus──> documents (HF Dataset or IterableDataset)
         ──(optional) mix_documents with CharSkillGenerator documents──>
-        ──ByteWindowDataset: shuffle by seed, shard by (rank, world_size), tokenise in batches,
+        ──ByteWindowDataset: cut long documents into pieces of a few windows, shuffle by seed,
+          shard by (rank, world_size), tokenise in batches,
           concatenate with the source eos between documents, cut windows of N tokens──>
         example dicts ──ByteCollator──> padded batches (+ boundary labels, patch ids, label masks)
 
@@ -60,6 +61,7 @@ __all__ = [
     "find_corpus_files",
     "load_corpus",
     "is_heldout",
+    "split_document",
     "windows_to_examples",
     "ByteWindowDataset",
     "ByteCollator",
@@ -84,6 +86,15 @@ CORPUS_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # blank lines (maybe with spaces) end a paragraph
 _HASH_SCALE = float(2**64)
 RATIO_EPS = 1e-9
+# Long training documents are cut into pieces of about this many windows before the document shuffle, so
+# that the pieces of one long file (a 229 KB stdlib module is ~470 windows of 128 tokens) are spread over
+# the epoch instead of filling every window for a long stretch of steps. Smaller pieces mix more evenly but
+# add a separator and a cut context per piece; with a few windows per piece most windows still hold
+# contiguous text, and the window shuffle buffer (64 windows) mixes a piece's windows with others.
+DOCUMENT_PIECE_WINDOWS = 4
+# Bytes per source token assumed to size pieces from windows (BPE tokenizers average ~4 on English prose
+# and ~3 on code, where a piece then spans ~5 windows instead of 4).
+PIECE_BYTES_PER_TOKEN = 4
 
 
 # ========================================================================================================
@@ -355,13 +366,72 @@ def windows_to_examples(
     ]
 
 
+def split_document(text: str, max_bytes: int | None) -> list[str]:
+    """Cut ``text`` into pieces of at most ``max_bytes`` UTF-8 bytes, at line breaks; ``"".join`` gives it back.
+
+    A document within the limit (or ``max_bytes`` 0/None) is one piece. Otherwise the pieces are balanced:
+    each cut goes to the line end (just after a ``"\\n"``) nearest to an equal share of the bytes left,
+    among the line ends within the limit; only where no line end is within the limit (a line longer than
+    ``max_bytes``) is the line cut, at the last UTF-8 character boundary within the limit. The work is per
+    piece (a numpy search over the line ends), not per byte or per line.
+    """
+    if not max_bytes or len(text) * 4 <= max_bytes:  # UTF-8 needs at most 4 bytes per character
+        return [text]
+    data = text.encode("utf-8", "surrogatepass")  # surrogatepass: lone surrogates (from JSON) round-trip
+    total = len(data)
+    if total <= max_bytes:
+        return [text]
+    raw = np.frombuffer(data, dtype=np.uint8)
+    line_ends = np.flatnonzero(raw == 0x0A) + 1  # byte offsets just after each "\n"
+    cuts, start = [0], 0
+    while total - start > max_bytes:
+        left = total - start
+        target = start + -(-left // -(-left // max_bytes))  # ceil(left / number of pieces still needed)
+        limit = start + max_bytes
+        i = int(np.searchsorted(line_ends, target, side="right"))  # line_ends[:i] <= target < line_ends[i:]
+        below = int(line_ends[i - 1]) if i > 0 and line_ends[i - 1] > start else None
+        above = int(line_ends[i]) if i < len(line_ends) and line_ends[i] <= limit else None
+        if below is not None and (above is None or target - below <= above - target):
+            cut = below
+        elif above is not None:
+            cut = above
+        else:  # no line end within the limit: cut the line at a character boundary
+            cut = limit
+            while raw[cut] & 0xC0 == 0x80:  # a continuation byte: at most 3 steps back
+                cut -= 1
+            while cut < total and (cut <= start or raw[cut] & 0xC0 == 0x80):  # max_bytes < a character: take it
+                cut += 1
+        cuts.append(cut)
+        start = cut
+    cuts.append(total)
+    return [data[a:b].decode("utf-8", "surrogatepass") for a, b in zip(cuts, cuts[1:])]
+
+
+@dataclass
+class _PieceIndex:
+    """An in-memory corpus as units for the document shuffle: a whole document, or a piece of a long one."""
+
+    rows: np.ndarray  # (U,) int64: the corpus row of each unit
+    piece: np.ndarray  # (U,) int64: -1 = the whole row, else the index of the unit's text in ``texts``
+    texts: list[str]  # the pieces of the documents that were cut
+
+
+def _split_batch(batch: dict[str, list], max_bytes: int) -> dict[str, list[str]]:
+    """``datasets`` batched map: every document of the batch replaced by its pieces, in order."""
+    return {"text": [piece for text in batch["text"] for piece in split_document(text, max_bytes)]}
+
+
 class ByteWindowDataset(torch.utils.data.IterableDataset):
     """Deterministic, shardable, resumable stream of byte-level training examples.
 
     Order, for each epoch e (identical on every rank, then sharded):
 
+    0. when shuffling, documents longer than ``document_piece_bytes`` are cut into pieces at line breaks
+       (:func:`split_document`), and each piece is a document from here on: the pieces of a long file are
+       spread over the epoch instead of filling every window for a long stretch of steps (documents of a
+       callable corpus stay whole: it gives its own order);
     1. documents in an order fixed by ``(seed, e)``: a permutation for an in-memory corpus, a shard-order
-       shuffle + buffer shuffle (``datasets``) for a streaming one, as given for a plain iterable;
+       shuffle + buffer shuffle (``datasets``) for a streaming one, as given for a callable;
     2. optionally mixed with character-skill documents (``char_skills`` at ``char_rate``, seeded);
     3. document i goes to rank ``i % world_size`` (each rank tokenises only its own documents);
     4. per rank: tokenised in batches, concatenated with the source eos after each document, cut into
@@ -385,7 +455,11 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
         byte_expansion_factor: the byte cap is ``N × factor`` (reference 6).
         seed, rank, world_size: order and sharding.
         epochs: passes over the corpus; ``None`` = forever.
-        shuffle: shuffle documents (and windows) by seed; ``False`` keeps the corpus order.
+        shuffle: shuffle documents (and windows) by seed; ``False`` keeps the corpus order and the documents
+            whole (evaluation windows do not depend on ``document_piece_bytes``).
+        document_piece_bytes: documents longer than this (UTF-8 bytes) are cut into pieces before the
+            document shuffle; ``None``: ``DOCUMENT_PIECE_WINDOWS`` windows' worth (``window_tokens ×
+            DOCUMENT_PIECE_WINDOWS × PIECE_BYTES_PER_TOKEN``, 2 KB for 128-token windows); 0: whole documents.
         document_shuffle_buffer: buffer of the streaming-corpus shuffle.
         window_shuffle_buffer: windows held for shuffling (only token ids are held; 0 disables).
         tokenize_batch: documents per tokenizer call; convert_batch: windows per conversion call.
@@ -414,6 +488,7 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
         shuffle: bool = True,
         document_shuffle_buffer: int = 10_000,
         window_shuffle_buffer: int = 64,
+        document_piece_bytes: int | None = None,
         tokenize_batch: int = 64,
         convert_batch: int = 16,
         char_skills: CharSkillGenerator | None = None,
@@ -427,6 +502,10 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"window_tokens must be ≥ 2, got {window_tokens}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if document_piece_bytes is None:
+            document_piece_bytes = window_tokens * DOCUMENT_PIECE_WINDOWS * PIECE_BYTES_PER_TOKEN
+        if document_piece_bytes < 0:
+            raise ValueError(f"document_piece_bytes must be ≥ 0 (0: whole documents), got {document_piece_bytes}")
         eos = tokenizer.source_vocab.eos_id
         if eos is None:
             raise ValueError(
@@ -443,6 +522,8 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
         self.shuffle = shuffle
         self.document_shuffle_buffer = document_shuffle_buffer
         self.window_shuffle_buffer = window_shuffle_buffer if shuffle else 0
+        self.document_piece_bytes = int(document_piece_bytes) if shuffle else 0
+        self._pieces: _PieceIndex | None = None  # an in-memory corpus's units, built on first use
         self.tokenize_batch = tokenize_batch
         self.convert_batch = convert_batch
         self.char_skills = char_skills
@@ -459,22 +540,64 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
 
     # ---- documents ------------------------------------------------------------------------------------
 
+    def _piece_index(self) -> _PieceIndex:
+        """The units of an in-memory corpus (built once: one pass over the documents, cutting the long ones)."""
+        if self._pieces is None:
+            corpus, rows, piece, texts = self.corpus, [], [], []
+            chunk = 1024
+            for start in range(0, len(corpus), chunk):
+                batch = corpus[start : start + chunk]
+                batch = batch["text"] if isinstance(corpus, datasets.Dataset) else batch
+                for row, text in enumerate(batch, start):
+                    parts = split_document(text, self.document_piece_bytes)
+                    rows += [row] * len(parts)
+                    if len(parts) == 1:
+                        piece.append(-1)
+                    else:
+                        piece += range(len(texts), len(texts) + len(parts))
+                        texts += parts
+            self._pieces = _PieceIndex(np.array(rows, dtype=np.int64), np.array(piece, dtype=np.int64), texts)
+        return self._pieces
+
+    def _read_units(self, units: np.ndarray) -> list[str]:
+        """The texts of units (indices into ``_piece_index``) of an in-memory corpus; whole rows are read
+        from the corpus, pieces from the index."""
+        index = self._piece_index()
+        rows, piece = index.rows[units], index.piece[units]
+        whole = rows[piece < 0]
+        if isinstance(self.corpus, datasets.Dataset):
+            read = iter(self.corpus[whole]["text"] if len(whole) else [])
+        else:
+            read = (self.corpus[int(r)] for r in whole)
+        return [next(read) if p < 0 else index.texts[p] for p in piece.tolist()]
+
     def _global_documents(self, epoch: int) -> Iterator[str]:
-        """All documents of an epoch, in the seeded order shared by every rank (before sharding)."""
+        """All documents (units, when long ones are cut) of an epoch, in the seeded order shared by every
+        rank (before sharding)."""
         corpus, rng = self.corpus, np.random.default_rng([self.seed, epoch])
         if isinstance(corpus, datasets.IterableDataset):
             if self.shuffle:
+                if self.document_piece_bytes:  # pieces enter the shuffle buffer as documents of their own
+                    corpus = corpus.select_columns(["text"]).map(
+                        _split_batch, batched=True, fn_kwargs={"max_bytes": self.document_piece_bytes}
+                    )
                 corpus = corpus.shuffle(seed=self.seed, buffer_size=self.document_shuffle_buffer)
                 corpus.set_epoch(epoch)
             docs: Iterable[str] = (row["text"] for row in corpus)
+        elif callable(corpus):
+            docs = corpus(epoch)
+        elif self.document_piece_bytes:  # in memory, with long documents cut: a permutation of the units
+            order = rng.permutation(len(self._piece_index().rows))
+            chunk = 1024  # units read at once (one Arrow read for their whole rows)
+            docs = itertools.chain.from_iterable(
+                self._read_units(order[i : i + chunk]) for i in range(0, len(order), chunk)
+            )
         elif isinstance(corpus, datasets.Dataset):
             order = rng.permutation(len(corpus)) if self.shuffle else np.arange(len(corpus))
             chunk = 1024  # rows fetched per Arrow read
             docs = itertools.chain.from_iterable(
                 corpus[order[i : i + chunk]]["text"] for i in range(0, len(order), chunk)
             )
-        elif callable(corpus):
-            docs = corpus(epoch)
         else:
             order = rng.permutation(len(corpus)) if self.shuffle else range(len(corpus))
             docs = (corpus[i] for i in order)
@@ -484,7 +607,8 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
         return iter(docs)
 
     def documents(self, epoch: int = 0) -> Iterator[str]:
-        """This rank's documents of ``epoch``, in order (every rank reads all, keeps every world_size-th)."""
+        """This rank's documents (or pieces of documents) of ``epoch``, in order (every rank reads all,
+        keeps every world_size-th)."""
         return itertools.islice(self._global_documents(epoch), self.rank, None, self.world_size)
 
     # ---- windows --------------------------------------------------------------------------------------
@@ -554,8 +678,9 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         """The position after the last example yielded, enough to resume without re-tokenising.
 
-        Holds the epoch, examples consumed in it, documents read, the token carry-over, the shuffle buffer,
-        the RNG state (tensors and Python scalars: safe for ``torch.save``/``torch.load(weights_only=True)``).
+        Holds the epoch, examples consumed in it, documents (pieces) read, the token carry-over, the shuffle
+        buffer, the RNG state (tensors and Python scalars: safe for ``torch.save``/``torch.load(weights_only=True)``)
+        and the piece size that the count of documents read depends on.
         Reflects the process that iterates (the main process with ``num_workers=0``).
         """
         state: dict[str, Any] = {"epoch": self._epoch, "consumed": 0, "seed": self.seed, "rank": self.rank,
@@ -568,6 +693,7 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
             **state,
             "consumed": st.consumed,
             "documents_read": st.documents_read,
+            "document_piece_bytes": self.document_piece_bytes,
             "docs_done": st.docs_done,
             "finished": st.finished,
             "pending": as_tensor(st.pending),
@@ -585,6 +711,12 @@ class ByteWindowDataset(torch.utils.data.IterableDataset):
         for key in ("seed", "rank", "world_size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"state was saved with {key}={state[key]}, this dataset has {getattr(self, key)}")
+        if "documents_read" in state and state.get("document_piece_bytes", 0) != self.document_piece_bytes:
+            # documents_read counts pieces of that size (a state without the key counted whole documents)
+            raise ValueError(
+                f"state was saved with document_piece_bytes={state.get('document_piece_bytes', 0)}, this dataset "
+                f"has {self.document_piece_bytes}"
+            )
         self._epoch, self._skip, self._stream = int(state["epoch"]), int(state["consumed"]), None
         if "documents_read" in state:
             st = self._new_stream(self._epoch, int(state["documents_read"]))

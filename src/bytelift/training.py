@@ -59,6 +59,10 @@ class TrainConfig:
     window_tokens: int = 256  # reference 4096
     byte_expansion_factor: float = 6.0
     heldout_fraction: float = 0.01
+    # Training documents longer than this (UTF-8 bytes) are cut into pieces at line breaks before the document
+    # shuffle, so that one long file does not fill a long stretch of steps. None: a few windows' worth
+    # (data.DOCUMENT_PIECE_WINDOWS); 0: whole documents. The held-out set is always read whole.
+    document_piece_bytes: int | None = None
     batch_size: int = 4  # windows per device per step (reference 32 × 4096 tokens in total)
     grad_accum: int = 1
     # reference 75k (stage 1) / 150k (stage 2). None: the run is sized by `max_minutes` instead, and the
@@ -512,7 +516,7 @@ def _datasets(cfg: TrainConfig, tokenizer: ByteTokenizer, rank: int, world_size:
     # rank 0: their byte lengths differ from rank to rank). Every rank evaluates the whole held-out set.
     train = ByteWindowDataset(
         train_corpus, tokenizer, seed=cfg.seed, epochs=None, char_skills=chars, char_rate=cfg.char_skill_rate,
-        rank=rank, world_size=world_size, **common,
+        document_piece_bytes=cfg.document_piece_bytes, rank=rank, world_size=world_size, **common,
     )
     evals = (
         ByteWindowDataset(heldout, tokenizer, seed=cfg.seed, epochs=1, shuffle=False, **common)
