@@ -237,6 +237,8 @@ def test_find_loop_matches_brute_force():
 def _forced(model, token: int, vocab: int):
     """A copy of `model` whose head always prefers `token` (zero weights, a bias on it)."""
     model = copy.deepcopy(model)
+    if isinstance(model, ByteliftForCausalLM):
+        model.config.source_prior = False  # the head alone decides
     with torch.no_grad():
         model.lm_head.weight.zero_()
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(vocab))

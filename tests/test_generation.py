@@ -168,7 +168,7 @@ def test_first_global_step_with_an_empty_cache_serves_some_rows(model, monkeypat
     """The predictor closed no patch in any prompt, so the KV cache is still empty when the first row
     closes one (the other row has not): that step sizes the cache for every row, and both rows still
     get what they get alone."""
-    monkeypatch.setattr(model, "predict_boundaries", lambda logp, mask: torch.zeros_like(mask, dtype=torch.bool))
+    monkeypatch.setattr(model, "predict_boundaries", lambda logp, mask, ids=None: torch.zeros_like(mask, dtype=torch.bool))
     fused = lambda text, flags: [ord(c) + BYTE_OFFSET + BYTE_VOCAB_SIZE * f for c, f in zip(text, flags)]
     conts = [fused("dxyzw", [1, 0, 1, 0, 1]), fused("hpqrs", [0, 0, 1, 1, 0])]
     prompts = ["abcd", "fgh"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from bytelift.losses import (
@@ -135,3 +136,23 @@ def test_distillation_loss_by_hand():
     logp, lp = target_logprobs(logits, targets)
     distillation_loss(logp, lp, patch_ids, patch_ends, patch_mask, teacher_y, teacher_ws, teacher_mask).backward()
     assert (logits.grad[0, :4].abs().sum(-1) > 0).all()
+
+
+def test_best_f1_threshold_is_the_best_cut():
+    from bytelift.objectives import best_f1_threshold
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = 50
+        p = torch.rand(n, generator=gen).clamp(1e-4, 1 - 1e-4)
+        p[:10] = p[10:20]  # ties
+        gold = torch.rand(n, generator=gen) < p  # informative but noisy labels
+        threshold, f1 = best_f1_threshold(p.log(), gold)
+
+        def f1_at(t: float) -> float:
+            pred = p > t
+            tp = int((pred & gold).sum())
+            return 2 * tp / (int(pred.sum()) + int(gold.sum()))
+
+        assert f1 == pytest.approx(f1_at(threshold))
+        assert f1 >= max(f1_at(float(t)) for t in torch.cat([p, torch.tensor([0.0])])) - 1e-12

@@ -207,3 +207,48 @@ def test_dense_distillation_loss():
     assert float(dense_distillation_loss(other, target, scored)) == pytest.approx(float(kl.mean()), rel=1e-5)
     scored[1] = False
     assert float(dense_distillation_loss(other, target, scored)) == pytest.approx(float(kl[0].mean()), rel=1e-5)
+
+
+def test_close_boundaries_equals_a_left_to_right_scan():
+    """The rounds of `close_boundaries` give what one left-to-right scan gives: a byte ends its patch when the
+    patch so far, followed by the next byte, is a prefix of no token."""
+    vocab = _random_vocab(4, alphabet=4)
+    trie = TokenTrie(vocab)
+    gen = torch.Generator().manual_seed(1)
+    B, L = 4, 60
+    ids = BYTE_OFFSET + torch.randint(0, 5, (B, L), generator=gen)  # symbol 4 is in no spelling
+    predicted = torch.rand(B, L, generator=gen) < 0.1
+    predicted[:, 0] = True
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[3, :7] = False
+    predicted[3, :7] = False
+    predicted[3, 7] = True
+    closed = trie.close_boundaries(ids, predicted, mask, max_rounds=64)
+    assert not (predicted & mask & ~closed).any()  # a superset of the predictor's boundaries
+    for b in range(B):
+        cursor = torch.tensor([NO_NODE])
+        for t in range(L):
+            if not mask[b, t]:
+                assert not closed[b, t]
+                continue
+            end = bool(predicted[b, t])
+            if not end and t + 1 < L:
+                node = trie.advance(cursor, ids[b, t : t + 1], torch.tensor([False]))
+                end = int(node) != NO_NODE and int(trie.child(node, ids[b, t + 1 : t + 2])) == NO_NODE
+            assert bool(closed[b, t]) == end, (b, t)
+            cursor = trie.advance(cursor, ids[b, t : t + 1], torch.tensor([end]))
+    assert int(closed.sum()) > int((predicted & mask).sum())  # the rule fired
+
+
+def test_model_boundaries_with_trie_closure(bytelevel_tokenizer):
+    tok = bytelevel_tokenizer
+    model = ByteliftForCausalLM.from_source(tiny_source("llama", tok), tok, local_heads=4).eval()
+    assert model.config.boundary_trie_closure
+    batch = model.tokenizer(["the quick brown fox, naturally", "zzzz qqqq"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        closed = model(**batch).boundary_mask
+        model.config.boundary_trie_closure = False
+        plain = model(**batch).boundary_mask
+    assert not (plain & ~closed).any() and (closed & ~plain).any()
+    expected = model.token_trie.close_boundaries(batch["input_ids"], plain, batch["attention_mask"].bool(), 16)
+    assert torch.equal(closed, expected)

@@ -93,7 +93,7 @@ def test_predicted_boundaries_map_to_byte_offsets(model, monkeypatch):
     with torch.no_grad():
         logprobs = model(**batch).boundary_logprobs[0]
 
-    def forced(boundary_logprobs, mask):  # input positions: 0 = bos, t + 1 = byte t
+    def forced(boundary_logprobs, mask, input_ids=None):  # input positions: 0 = bos, t + 1 = byte t
         out = torch.zeros_like(mask)
         out[:, [0, 3, 5]] = True
         return out & mask

@@ -65,6 +65,11 @@ def test_stage1_lowers_every_loss_and_learns_boundaries(tiny_run):
     assert max(e["distill_loss"] for e in logs) < 0.05 and max(e["dense_distill_loss"] for e in logs) < 0.05
     assert all(e["ce_decoder_only"] > e["ce_prior_only"] for e in logs)  # the decoder alone is far behind
     assert metrics["eval_boundary_f1"] >= 0.95
+    # The boundary threshold was calibrated on the held-out windows (best F1, never worse than 1/2's) and
+    # saved with the model.
+    assert metrics["calibration_boundary_f1"] >= metrics["calibration_boundary_f1_before"]
+    saved = json.loads((tiny_run / "s1" / "config.json").read_text())
+    assert saved["boundary_threshold"] == pytest.approx(metrics["boundary_threshold"])
     assert metrics["corpus_documents"] > 0 and metrics["corpus_other_split"] > 0  # a held-out side exists
 
     # Checkpoints are complete, rotated, and the output folder is a loadable byte model.

@@ -46,6 +46,8 @@ class ByteliftConfig(PreTrainedConfig):
         prior_vocab_rows: rows of the source LM head (the prior's token distribution).
         prior_head_bias: the source LM head has a bias.
         prior_logit_softcap: the source's final logit soft-cap (Gemma 2/3), applied before the softmax.
+        boundary_trie_closure: predicted boundaries also end a patch wherever the source vocabulary forces it
+            (the patch followed by the next byte is a prefix of no source token; `TokenTrie.close_boundaries`).
         token_exact_init: `from_source` initialises the encoder so that the pooled patch reproduces the
             source embedding of the longest-suffix token at its last byte (recorded for the record).
         source_name_or_path: where the source came from (informational).
@@ -77,6 +79,7 @@ class ByteliftConfig(PreTrainedConfig):
     prior_vocab_rows: int | None = None
     prior_head_bias: bool = False
     prior_logit_softcap: float | None = None
+    boundary_trie_closure: bool = False
     token_exact_init: bool = False
     source_name_or_path: str | None = None
     tie_word_embeddings: bool = False

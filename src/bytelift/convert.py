@@ -52,7 +52,7 @@ class ConvertConfig:
     # reserve for the evaluation and samples (measured 4.8 min on a busy machine, before the held-out section
     # also scored the text as decoding segments it: ~1.5 min more for SmolLM2, and before the looping check's
     # greedy samples of both models: ~0.3 min more on idle cores)
-    eval_minutes: float = 7.0
+    eval_minutes: float = 8.0
     stage1_share: float = 0.65  # of the training time
     stage1_steps: int | None = None  # fixed step counts instead of time (tests, reproductions)
     stage2_steps: int | None = None

@@ -324,7 +324,7 @@ class DecodingSession:
         # One pass over the whole prompt (see the module docstring): h (B, L, d_l), states after byte L-1.
         h, self.enc_states = enc(ids, self.expanded_ids, mask=mask)
         logp = model.boundary_predictor(h, mask)
-        boundary = model.predict_boundaries(logp, mask)[:, : L - 1]  # position L-1 is undecided
+        boundary = model.predict_boundaries(logp, mask, ids)[:, : L - 1]  # position L-1 is undecided
         self.prompt_boundaries = torch.cat([boundary, torch.zeros_like(mask[:, :1])], dim=1)
         self.h_last = h[:, -1]  # the encoder output of the forced byte, already computed
         # Rows whose prompt is only bos: their one byte is the forced byte and always ends a patch.

@@ -38,6 +38,10 @@ UNDECIDED_LOGPROB = -1e5
 # model starts near its source's likelihood instead of having to learn to spell; see the README's A/B).
 DEFAULT_SOURCE_PRIOR = True
 DEFAULT_TOKEN_EXACT_INIT = True
+DEFAULT_BOUNDARY_TRIE_CLOSURE = True
+# Rounds of `TokenTrie.close_boundaries`: each round splits every patch at its first forced boundary, so a
+# patch that merged k source tokens needs k − 1 rounds; the predictor seldom merges more than a few.
+TRIE_CLOSURE_MAX_ROUNDS = 16
 # Token-exact initialisation: the encoder's byte embeddings and its blocks' output projections start at this
 # fraction of their built values: small, so the pooled patch is nearly the carried subword embedding, yet
 # non-zero, so encoder states stay distinct and every weight gets gradient from the first step.
@@ -388,9 +392,16 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         expanded = self.tokenizer.expander.expand_batch(input_ids.cpu().numpy(), attention_mask.cpu().numpy())
         return torch.as_tensor(expanded, device=input_ids.device)
 
-    def predict_boundaries(self, boundary_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) log p, (B, L) valid -> (B, L) bool: byte t ends a patch iff p_t > threshold."""
-        return (boundary_logprobs > math.log(self.config.boundary_threshold)) & mask
+    def predict_boundaries(
+        self, boundary_logprobs: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L) log p, (B, L) valid -> (B, L) bool: byte t ends a patch iff p_t > threshold; with
+        `config.boundary_trie_closure` (and `input_ids` given) also wherever the source vocabulary forces it
+        (`TokenTrie.close_boundaries`: the patch followed by the next byte is a prefix of no token)."""
+        boundary = (boundary_logprobs > math.log(self.config.boundary_threshold)) & mask
+        if self.config.boundary_trie_closure and input_ids is not None:
+            boundary = self.token_trie.close_boundaries(input_ids, boundary, mask, TRIE_CLOSURE_MAX_ROUNDS)
+        return boundary
 
     def run_global(
         self,
@@ -470,7 +481,7 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         h, _ = self.encoder(input_ids, expanded_ids, mask=mask)
         boundary_logprobs = self.boundary_predictor(h, mask)
         if boundary_mask is None:
-            boundary_mask = self.predict_boundaries(boundary_logprobs, mask)
+            boundary_mask = self.predict_boundaries(boundary_logprobs, mask, input_ids)
         else:
             boundary_mask = boundary_mask.bool() & mask
 
@@ -555,6 +566,7 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
 
         config_overrides.setdefault("source_prior", DEFAULT_SOURCE_PRIOR)
         config_overrides.setdefault("token_exact_init", DEFAULT_TOKEN_EXACT_INIT)
+        config_overrides.setdefault("boundary_trie_closure", DEFAULT_BOUNDARY_TRIE_CLOSURE)
         source_head = source.get_output_embeddings()
         if config_overrides["source_prior"]:
             if source_head is None or not hasattr(source_head, "weight"):

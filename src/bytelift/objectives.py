@@ -11,6 +11,8 @@ Batch keys (from `bytelift.data.ByteCollator`), B batch, L bytes, P patches, N s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,6 +99,31 @@ def precision_recall_f1(tp: int, npred: int, ngold: int) -> dict[str, float]:
     recall = tp / ngold if ngold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"boundary_precision": precision, "boundary_recall": recall, "boundary_f1": f1}
+
+
+def best_f1_threshold(logprobs: torch.Tensor, gold: torch.Tensor) -> tuple[float, float]:
+    """The boundary threshold that maximises F1 on given predictor outputs.
+
+    Args:
+        logprobs: (n,) the predictor's log p at decidable positions; gold: (n,) bool true patch ends.
+    Returns:
+        (threshold p in (0, 1): byte t ends a patch iff p_t > threshold, the F1 it gives). The threshold is
+        the geometric midpoint between the last log p kept and the first one dropped.
+    """
+    if logprobs.numel() == 0 or not bool(gold.any()):
+        return 0.5, 0.0
+    lp, order = logprobs.double().sort(descending=True)
+    tp = gold[order].double().cumsum(0)
+    k = torch.arange(1, lp.numel() + 1, dtype=torch.float64)
+    f1 = 2 * tp / (k + gold.sum())
+    # Ties: a threshold can only fall between distinct values; keep the last index of each run of equals.
+    distinct = torch.ones_like(lp, dtype=torch.bool)
+    distinct[:-1] = lp[:-1] > lp[1:]
+    f1 = torch.where(distinct, f1, torch.full_like(f1, -1.0))
+    best = int(f1.argmax())
+    nxt = float(lp[best + 1]) if best + 1 < lp.numel() else float(lp[best]) - 1.0
+    threshold = math.exp(0.5 * (float(lp[best]) + nxt))
+    return min(max(threshold, 1e-6), 1 - 1e-6), float(f1[best])
 
 
 def boundary_metrics(pred: torch.Tensor, gold: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -253,7 +280,7 @@ class Stage1Objective(nn.Module):
                 _, lp_decoder = target_logprobs(decoder_logits, targets)
                 out["ce_prior_only"] = masked_mean(-lp_prior, scored_bytes)
                 out["ce_decoder_only"] = masked_mean(-lp_decoder, scored_bytes)
-            pred = m.predict_boundaries(boundary_logprobs, mask)
+            pred = m.predict_boundaries(boundary_logprobs, mask, ids)
             out.update({k: torch.tensor(v) for k, v in boundary_metrics(pred, boundary, decidable).items()})
             out["bytes"] = mask.sum()
         return out

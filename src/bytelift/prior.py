@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bytelift.tokenization import BYTE_VOCAB_SIZE
 
@@ -182,6 +183,32 @@ class TokenTrie:
                 break
             nodes[b, t] = self.child(nodes[b, t - 1], input_ids[b, t])
         return torch.where(mask, nodes, torch.full_like(nodes, NO_NODE))
+
+    def close_boundaries(
+        self, input_ids: torch.Tensor, boundary_mask: torch.Tensor, mask: torch.Tensor, max_rounds: int
+    ) -> torch.Tensor:
+        """Add the boundaries the vocabulary forces: byte t ends its patch when the patch's bytes up to t,
+        followed by byte t+1, are a prefix of no source token (a token containing them does not exist, so
+        the source's tokenization ends a token at t). Uses one byte of lookahead, like the predictor.
+
+        A new boundary restarts the next patch at the root, which can expose a later violation, so the rule
+        is applied in rounds (`max_rounds` at most; each round fixes at least the first violation of every row).
+
+        Args:
+            input_ids, boundary_mask, mask: (B, L); the last valid byte of a row has no lookahead and is left as is.
+        Returns:
+            (B, L) bool boundaries, a superset of `boundary_mask & mask`.
+        """
+        boundary = boundary_mask & mask
+        lookahead = F.pad(mask[:, 1:], (0, 1), value=False) & mask
+        nxt = F.pad(input_ids[:, 1:], (0, 1), value=0)
+        for _ in range(max_rounds):
+            nodes = self.prefix_nodes(input_ids, boundary, mask)
+            forced = lookahead & (nodes != NO_NODE) & ~boundary & (self.child(nodes, nxt) == NO_NODE)
+            if not bool(forced.any()):
+                break
+            boundary = boundary | forced
+        return boundary
 
 
 def token_cumsums(trie: TokenTrie, token_logits: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from bytelift.modeling import ByteliftForCausalLM, check_model_folder, fold_fuse
 from bytelift.objectives import (
     Stage1Objective,
     Stage2Objective,
+    best_f1_threshold,
     boundary_counts,
     decidable_positions,
     precision_recall_f1,
@@ -71,6 +72,10 @@ class TrainConfig:
     lr: float | None = None  # local lr; default 7e-4 (stage 1) / 5.2e-5 (stage 2)
     global_lr: float | None = None  # stage 2 global lr; default lr / 2
     weight_decay: float = 0.1
+    # The boundary predictor's lr relative to the local lr: its projections start at the identity (entries
+    # of size 1), so at the local lr a short run barely moves them (A/B in benchmarks/README.md: x10 gave
+    # held-out F1 0.958 vs 0.937 after 60 stage-1 steps).
+    predictor_lr_scale: float = 10.0
     adam_beta2: float | None = None  # 0.999 (stage 1) / 0.95 (stage 2)
     warmup_ratio: float = 0.1
     max_grad_norm: float = 0.5
@@ -92,6 +97,10 @@ class TrainConfig:
     # After training, set the model's decode_boundary_bias so that decoding closes patches at the rate the
     # predictor does (generation.calibrate_boundary_bias; ~1 min for SmolLM2 on 2 CPU cores).
     calibrate_decoding: bool = True
+    # After training, before the decoding calibration, set the predictor's boundary threshold to the one with
+    # the best F1 on the held-out windows (the reference's 1/2 is not the best once the predictor's
+    # probabilities are biased, e.g. precision 0.999 at recall 0.92 after a short run).
+    calibrate_boundaries: bool = True
     fsdp: bool = False
     resume: bool = False
     model: dict[str, Any] = field(default_factory=dict)  # ByteliftConfig overrides (stage 1)
@@ -172,25 +181,32 @@ def build_objective(cfg: TrainConfig) -> tuple[nn.Module, ByteTokenizer]:
 
 def parameter_groups(objective: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on embeddings, norms and biases; in stage 2 the global model gets
-    its own (lower) learning rate. Frozen parameters are left out."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    its own (lower) learning rate; the boundary predictor's learning rate is the local one times
+    `predictor_lr_scale`. Frozen parameters are left out."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for name, p in objective.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         # The source's LM head (source prior) learns at the global model's rate: both are the source's.
-        is_global = ".global_model." in f".{name}" or ".prior_head." in f".{name}"
+        if ".global_model." in f".{name}" or ".prior_head." in f".{name}":
+            kind = "global"
+        elif ".boundary_predictor." in f".{name}":
+            kind = "predictor"
+        else:
+            kind = "local"
         no_decay = any(m in name for m in NO_DECAY_MARKERS) or p.dim() < 2
-        groups.setdefault((is_global, no_decay), []).append(p)
+        groups.setdefault((kind, no_decay), []).append(p)
+    lrs = {"global": cfg.global_lr, "local": cfg.lr, "predictor": cfg.lr * cfg.predictor_lr_scale}
     out = []
-    for (is_global, no_decay), params in sorted(groups.items()):
+    for (kind, no_decay), params in sorted(groups.items()):
         out.append(
             {
                 "params": params,
-                "lr": cfg.global_lr if is_global else cfg.lr,
+                "lr": lrs[kind],
                 "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-                "name": f"{'global' if is_global else 'local'}{'_no_decay' if no_decay else ''}",
+                "name": f"{kind}{'_no_decay' if no_decay else ''}",
             }
         )
     return out
@@ -424,6 +440,39 @@ class ByteliftTrainer(Trainer):
         """Batches holding the run's `eval_windows` held-out windows (at least one)."""
         return max(1, self.run_config.eval_windows // self.args.per_device_eval_batch_size)
 
+    @torch.no_grad()
+    def calibrate_boundaries(self) -> tuple[float, float, float]:
+        """Set the model's `boundary_threshold` to the best-F1 one on the held-out windows (training windows
+        when there is none; gathered from every rank, so all ranks agree). Returns (threshold, F1 before,
+        F1 after)."""
+        import torch.distributed as dist
+
+        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        model = self._byte_model()
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        logps, golds = [], []
+        for batch in itertools.islice(self.get_eval_dataloader(dataset), self._eval_batches()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mask = batch["attention_mask"].bool()
+            h, _ = model.encoder(batch["input_ids"], batch["expanded_ids"], mask=mask)
+            logp = model.boundary_predictor(h, mask)
+            decidable = decidable_positions(mask)
+            logps.append(logp[decidable].cpu())
+            golds.append(batch["boundary_labels"].bool()[decidable].cpu())
+        model.train(was_training)
+        logp, gold = torch.cat(logps), torch.cat(golds)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (logp, gold))
+            logp, gold = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        before = precision_recall_f1(*boundary_counts(logp > math.log(model.config.boundary_threshold), gold,
+                                                      torch.ones_like(gold)))["boundary_f1"]
+        threshold, after = best_f1_threshold(logp, gold)
+        model.config.boundary_threshold = threshold
+        return threshold, before, after
+
     def calibrate_decoding(self):
         """Set the model's `decode_boundary_bias` (see `generation.calibrate_boundary_bias`) from the
         held-out windows (training windows when there is no held-out split); returns the calibration."""
@@ -468,7 +517,7 @@ def evaluate_heldout(model: ByteliftForCausalLM, batches, teacher_forced: bool, 
         lp = logp[:, :-1].gather(-1, (nxt - BYTE_OFFSET).clamp_min(0)[..., None])[..., 0]
         nll_bits += float(-(lp * is_byte).sum()) / math.log(2)
         n_bytes += int(is_byte.sum())
-        pred = model.predict_boundaries(out.boundary_logprobs, mask)
+        pred = model.predict_boundaries(out.boundary_logprobs, mask, batch["input_ids"])
         for k, c in enumerate(boundary_counts(pred, gold, decidable_positions(mask))):
             counts[k] += c
     model.train(was_training)
@@ -600,6 +649,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         done = [e for e in trainer.state.log_history if e.get("step") == step and "eval_bits_per_byte" in e]
         metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")} if done else trainer.evaluate())
     metrics["ranks_in_sync"] = ranks_in_sync(trainer._byte_model())
+    if cfg.calibrate_boundaries:  # saved with the model: every later forward cuts patches at it
+        threshold, before, after = trainer.calibrate_boundaries()
+        metrics.update(boundary_threshold=threshold, calibration_boundary_f1_before=before,
+                       calibration_boundary_f1=after)
     if cfg.calibrate_decoding and cfg.fsdp:  # decoding reads whole weights; FSDP holds shards of them
         print("calibrate_decoding skipped under FSDP: run `bytelift calibrate` on the saved model")
     elif cfg.calibrate_decoding:  # the threshold is saved with the model: generate() decodes at the trained rate

@@ -174,7 +174,7 @@ def boundary_view(model, text: str | bytes) -> BoundaryView:
         with torch.no_grad():
             _check_context(model, batch, mask)
             out = model(**batch)
-            boundary = model.predict_boundaries(out.boundary_logprobs, mask)[0].cpu()  # (n + 1,)
+            boundary = model.predict_boundaries(out.boundary_logprobs, mask, batch["input_ids"])[0].cpu()  # (n + 1,)
             logprobs = out.boundary_logprobs[0].float().cpu()  # (n + 1,)
     finally:
         model.train(was_training)
@@ -199,7 +199,7 @@ def _check_context(model, batch: dict, mask: torch.Tensor) -> None:
         return
     # Only the local encoder and the predictor: cheap next to the global model, and they have no context limit.
     h, _ = model.encoder(batch["input_ids"], batch["expanded_ids"], mask=mask)
-    ends = model.predict_boundaries(model.boundary_predictor(h, mask), mask)[0]
+    ends = model.predict_boundaries(model.boundary_predictor(h, mask), mask, batch["input_ids"])[0]
     count = int(ends.sum())
     if count <= limit:
         return
