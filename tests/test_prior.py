@@ -209,9 +209,37 @@ def test_dense_distillation_loss():
     assert float(dense_distillation_loss(other, target, scored)) == pytest.approx(float(kl[0].mean()), rel=1e-5)
 
 
-def test_close_boundaries_equals_a_left_to_right_scan():
-    """The rounds of `close_boundaries` give what one left-to-right scan gives: a byte ends its patch when the
-    patch so far, followed by the next byte, is a prefix of no token."""
+def _close_by_scan(trie, ids, predicted, mask, back_to_token):
+    """Reference: one left-to-right scan per row, going back to the last whole token of the patch."""
+    out = (predicted & mask).clone()
+    for b in range(ids.shape[0]):
+        t, cursor, whole = 0, torch.tensor([NO_NODE]), -1
+        while t < ids.shape[1]:
+            if not mask[b, t]:
+                t += 1
+                continue
+            end = bool(out[b, t])
+            node = trie.advance(cursor, ids[b, t : t + 1], torch.tensor([end]))
+            if not end and int(node) != NO_NODE and int(trie.exact[int(node)]) > 0:
+                whole = t
+            if not end and t + 1 < ids.shape[1] and int(node) != NO_NODE and \
+                    int(trie.child(node, ids[b, t + 1 : t + 2])) == NO_NODE:
+                cut = whole if back_to_token and whole >= 0 else t
+                out[b, cut] = True
+                t, cursor, whole = cut + 1, torch.tensor([ROOT]), -1
+                continue
+            cursor = node
+            if end:
+                whole = -1
+            t += 1
+    return out
+
+
+@pytest.mark.parametrize("back_to_token", [False, True])
+def test_close_boundaries_equals_a_left_to_right_scan(back_to_token):
+    """The rounds of `close_boundaries` give what one left-to-right scan gives: where the patch so far,
+    followed by the next byte, is a prefix of no token, the patch ends (at that byte, or at its last whole
+    token with `back_to_token`)."""
     vocab = _random_vocab(4, alphabet=4)
     trie = TokenTrie(vocab)
     gen = torch.Generator().manual_seed(1)
@@ -223,21 +251,12 @@ def test_close_boundaries_equals_a_left_to_right_scan():
     mask[3, :7] = False
     predicted[3, :7] = False
     predicted[3, 7] = True
-    closed = trie.close_boundaries(ids, predicted, mask, max_rounds=64)
+    closed = trie.close_boundaries(ids, predicted, mask, max_rounds=64, back_to_token=back_to_token)
     assert not (predicted & mask & ~closed).any()  # a superset of the predictor's boundaries
-    for b in range(B):
-        cursor = torch.tensor([NO_NODE])
-        for t in range(L):
-            if not mask[b, t]:
-                assert not closed[b, t]
-                continue
-            end = bool(predicted[b, t])
-            if not end and t + 1 < L:
-                node = trie.advance(cursor, ids[b, t : t + 1], torch.tensor([False]))
-                end = int(node) != NO_NODE and int(trie.child(node, ids[b, t + 1 : t + 2])) == NO_NODE
-            assert bool(closed[b, t]) == end, (b, t)
-            cursor = trie.advance(cursor, ids[b, t : t + 1], torch.tensor([end]))
+    assert torch.equal(closed, _close_by_scan(trie, ids, predicted, mask, back_to_token))
     assert int(closed.sum()) > int((predicted & mask).sum())  # the rule fired
+    if back_to_token:  # it moved some cut back from where the plain rule puts it
+        assert not torch.equal(closed, trie.close_boundaries(ids, predicted, mask, max_rounds=64))
 
 
 def test_model_boundaries_with_trie_closure(bytelevel_tokenizer):
@@ -250,5 +269,6 @@ def test_model_boundaries_with_trie_closure(bytelevel_tokenizer):
         model.config.boundary_trie_closure = False
         plain = model(**batch).boundary_mask
     assert not (plain & ~closed).any() and (closed & ~plain).any()
-    expected = model.token_trie.close_boundaries(batch["input_ids"], plain, batch["attention_mask"].bool(), 16)
+    expected = model.token_trie.close_boundaries(batch["input_ids"], plain, batch["attention_mask"].bool(), 16,
+                                                 back_to_token=True)
     assert torch.equal(closed, expected)

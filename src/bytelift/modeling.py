@@ -397,10 +397,12 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
     ) -> torch.Tensor:
         """(B, L) log p, (B, L) valid -> (B, L) bool: byte t ends a patch iff p_t > threshold; with
         `config.boundary_trie_closure` (and `input_ids` given) also wherever the source vocabulary forces it
-        (`TokenTrie.close_boundaries`: the patch followed by the next byte is a prefix of no token)."""
+        (`TokenTrie.close_boundaries`: the patch followed by the next byte is a prefix of no token; the patch
+        then ends at its last whole token, which the source prior can end)."""
         boundary = (boundary_logprobs > math.log(self.config.boundary_threshold)) & mask
         if self.config.boundary_trie_closure and input_ids is not None:
-            boundary = self.token_trie.close_boundaries(input_ids, boundary, mask, TRIE_CLOSURE_MAX_ROUNDS)
+            boundary = self.token_trie.close_boundaries(input_ids, boundary, mask, TRIE_CLOSURE_MAX_ROUNDS,
+                                                        back_to_token=True)
         return boundary
 
     def run_global(

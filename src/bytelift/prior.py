@@ -185,14 +185,19 @@ class TokenTrie:
         return torch.where(mask, nodes, torch.full_like(nodes, NO_NODE))
 
     def close_boundaries(
-        self, input_ids: torch.Tensor, boundary_mask: torch.Tensor, mask: torch.Tensor, max_rounds: int
+        self, input_ids: torch.Tensor, boundary_mask: torch.Tensor, mask: torch.Tensor, max_rounds: int,
+        back_to_token: bool = False,
     ) -> torch.Tensor:
         """Add the boundaries the vocabulary forces: byte t ends its patch when the patch's bytes up to t,
         followed by byte t+1, are a prefix of no source token (a token containing them does not exist, so
         the source's tokenization ends a token at t). Uses one byte of lookahead, like the predictor.
 
+        With `back_to_token` the forced boundary goes instead to the last byte of the patch (up to t) where the
+        patch so far is a whole token, when there is one: the patch then is a token, which the prior can end
+        (a patch that is only a token prefix has end probability 0 under it).
+
         A new boundary restarts the next patch at the root, which can expose a later violation, so the rule
-        is applied in rounds (`max_rounds` at most; each round fixes at least the first violation of every row).
+        is applied in rounds (`max_rounds` at most; each round fixes the first violation of every patch).
 
         Args:
             input_ids, boundary_mask, mask: (B, L); the last valid byte of a row has no lookahead and is left as is.
@@ -202,12 +207,25 @@ class TokenTrie:
         boundary = boundary_mask & mask
         lookahead = F.pad(mask[:, 1:], (0, 1), value=False) & mask
         nxt = F.pad(input_ids[:, 1:], (0, 1), value=0)
+        B, L = input_ids.shape
+        pos = torch.arange(L, device=input_ids.device).expand(B, L)
+        exact = self.tensors(input_ids.device)["exact"]
         for _ in range(max_rounds):
             nodes = self.prefix_nodes(input_ids, boundary, mask)
             forced = lookahead & (nodes != NO_NODE) & ~boundary & (self.child(nodes, nxt) == NO_NODE)
             if not bool(forced.any()):
                 break
-            boundary = boundary | forced
+            if back_to_token:
+                # The last position of the patch (up to the violation) whose prefix is a whole token.
+                whole = (nodes != NO_NODE) & (exact[nodes.clamp_min(0)] > 0)
+                last_whole = torch.where(whole, pos, torch.full_like(pos, -1)).cummax(dim=1).values
+                start = torch.where(boundary, pos, torch.full_like(pos, -1)).cummax(dim=1).values  # < t here
+                target = torch.where(last_whole > start, last_whole, pos)
+                b, t = forced.nonzero(as_tuple=True)
+                boundary = boundary.clone()
+                boundary[b, target[b, t]] = True
+            else:
+                boundary = boundary | forced
         return boundary
 
 

@@ -649,7 +649,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         done = [e for e in trainer.state.log_history if e.get("step") == step and "eval_bits_per_byte" in e]
         metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")} if done else trainer.evaluate())
     metrics["ranks_in_sync"] = ranks_in_sync(trainer._byte_model())
-    if cfg.calibrate_boundaries:  # saved with the model: every later forward cuts patches at it
+    if cfg.calibrate_boundaries and cfg.fsdp:  # the encoder and predictor are called outside FSDP's forward
+        print("calibrate_boundaries skipped under FSDP")
+    elif cfg.calibrate_boundaries:  # saved with the model: every later forward cuts patches at it
         threshold, before, after = trainer.calibrate_boundaries()
         metrics.update(boundary_threshold=threshold, calibration_boundary_f1_before=before,
                        calibration_boundary_f1=after)
