@@ -30,9 +30,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from bytelift.generation import decoding_logprobs
-from bytelift.modeling import ByteliftForCausalLM, fused_labels
+from bytelift.modeling import ByteliftForCausalLM
 from bytelift.objectives import oracle_logits
-from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, IGNORE_INDEX, PAD_ID
+from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
 
 # Sequences are grouped into batches of at most this many positions (batch × longest row), which bounds
 # activation memory (the byte model's (B, L, 520) logits dominate) while keeping matmuls large.
@@ -138,6 +138,27 @@ def find_loop(data: bytes, span: int = LOOP_SPAN, repeats: int = LOOP_REPEATS,
     return None
 
 
+def _joint_logprobs(logits: torch.Tensor, ids: torch.Tensor, boundary: torch.Tensor):
+    """Per-position log-probabilities of the next byte with its end-of-patch flag.
+
+    Args:
+        logits: (b, L, 2·V_b) fused logits; ids: (b, L) byte ids, left-padded (every text ends at L-1);
+        boundary: (b, L) bool, the patch ends the model used.
+    Returns:
+        logp (b, L-1, 2·V_b) log-softmax (position t predicts ids[:, t+1]); joint (b, L-1): the fused or
+        plain id as the boundaries say, except the last byte, whose flag is undecidable and never read
+        (folded there); folded (b, L-1): plain + fused.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nxt = ids[:, 1:]
+    plain = logp.gather(-1, nxt[..., None])[..., 0]
+    fused = logp.gather(-1, (nxt + BYTE_VOCAB_SIZE)[..., None])[..., 0]
+    folded = torch.logaddexp(plain, fused)
+    joint = torch.where(boundary[:, 1:].bool(), fused, plain)
+    joint[:, -1] = folded[:, -1]
+    return logp, joint, folded
+
+
 class ByteScorer:
     """`score` / `generate` for a ByteliftForCausalLM (its attached tokenizer does the byte ids)."""
 
@@ -164,14 +185,8 @@ class ByteScorer:
             batch = self._encode([items[i][0] for i in group])
             out = self.model(**batch)
             ids = batch["input_ids"]  # (b, L), left-padded: every text ends at position L-1
-            logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # (b, L-1, 520): predicts ids[:, 1:]
+            logp, joint, folded = _joint_logprobs(out.logits, ids, out.boundary_mask)
             nxt = ids[:, 1:]
-            flag = out.boundary_mask[:, 1:].long()
-            plain = logp.gather(-1, nxt[..., None])[..., 0]
-            fused = logp.gather(-1, (nxt + BYTE_VOCAB_SIZE)[..., None])[..., 0]
-            folded = torch.logaddexp(plain, fused)  # (b, L-1)
-            joint = torch.where(flag.bool(), fused, plain)
-            joint[:, -1] = folded[:, -1]  # the last byte's flag is undecidable and never read: fold it
             # The byte the model would pick: argmax of the folded 256 byte probabilities.
             byte_logp = torch.logaddexp(logp[..., BYTE_OFFSET:BYTE_VOCAB_SIZE], logp[..., BYTE_VOCAB_SIZE + BYTE_OFFSET:])
             hit = (byte_logp.argmax(-1) + BYTE_OFFSET) == nxt
@@ -210,9 +225,8 @@ class ByteScorer:
                 ends = torch.as_tensor(segmented[i][1], device=self.device)
                 boundary[row, L - len(ends) :] = ends
                 boundary[row, L - len(ends) - 1] = True  # bos
-            # Fused targets; a position scores only if it and its next byte are real (not bos's left padding).
-            target = fused_labels(ids.masked_fill(~mask, IGNORE_INDEX), boundary, BYTE_VOCAB_SIZE)
-            target = target.masked_fill(~mask, IGNORE_INDEX)
+            # A position scores only if it and its next byte are real (not bos's left padding).
+            scored = mask[:, :-1] & mask[:, 1:]
             parts = {}
             out = self.model(**batch, boundary_mask=boundary)
             parts["own_states"] = out.logits
@@ -231,18 +245,11 @@ class ByteScorer:
                     t_logits = source_model(input_ids=t_ids, attention_mask=t_mask.to(self.device)).logits
                 finally:
                     hook.remove()
-                h, _ = self.model.encoder(ids, batch["expanded_ids"], mask=mask)
+                h = out.encoder_hidden_states  # the encoder does not depend on the patch outputs
                 parts["teacher_states"] = oracle_logits(self.model, h, boundary, mask, ids, captured["h"], t_logits)[0]
             for key, logits in parts.items():
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                tgt = target[:, :-1]
-                lp = logp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
-                # the last byte's flag is never read: fold it, as `score` does
-                nxt = ids[:, -1]
-                last = torch.logaddexp(logp[:, -1].gather(-1, nxt[:, None])[:, 0],
-                                       logp[:, -1].gather(-1, (nxt + BYTE_VOCAB_SIZE)[:, None])[:, 0])
-                lp[:, -1] = last
-                totals[key] = totals.get(key, 0.0) + float(torch.where(tgt >= 0, lp, torch.zeros_like(lp)).sum())
+                _, joint, _ = _joint_logprobs(logits, ids, boundary)
+                totals[key] = totals.get(key, 0.0) + float(joint[scored].sum())
             totals["bytes"] += float(mask.sum() - B)
         return totals
 
