@@ -12,7 +12,9 @@ from transformers import TextStreamer
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import bytelift.generation as generation
-from bytelift.generation import ByteTextStreamer, DecodingSession, GrowingKVLayer
+import bytelift.calibration as calibration
+from bytelift.generation import DecodingSession, GrowingKVLayer
+from bytelift.streaming import ByteTextStreamer
 from bytelift.modeling import ByteliftForCausalLM
 from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
 from tests.tiny_models import tiny_source
@@ -581,7 +583,7 @@ def test_decoding_logprobs_equal_full_forward_with_the_heads_boundaries(model, b
     # logits must take the same flag decisions (self-consistency of the causal segmentation).
     texts = ["The quick brown fox jumps", "def f(x):\n    return x", "ab"]
     conts = _right_padded(texts)
-    d = generation.decoding_logprobs(model, _bos_prompts(len(texts)), None, None, conts, boundary_bias=bias)
+    d = calibration.decoding_logprobs(model, _bos_prompts(len(texts)), None, None, conts, boundary_bias=bias)
     for r, t in enumerate(texts):
         n = len(t.encode())
         assert int(d.scored[r]) == n and not d.flags[r, n:].any() and (d.logprobs[r, n:] == 0).all()
@@ -596,16 +598,16 @@ def test_decoding_logprobs_equal_full_forward_with_the_heads_boundaries(model, b
         assert torch.equal(d.flags[r, :n], fused - plain + bias > 0)
     assert d.flags.any() and not d.flags.all()  # the case is not degenerate
     # A row scores the same alone as in the batch.
-    alone = generation.decoding_logprobs(model, _bos_prompts(1), None, None, conts[2:, :2], boundary_bias=bias)
+    alone = calibration.decoding_logprobs(model, _bos_prompts(1), None, None, conts[2:, :2], boundary_bias=bias)
     torch.testing.assert_close(alone.logprobs[0], d.logprobs[2, :2], rtol=0, atol=CACHED_ATOL)
 
 
 def test_decoding_logprobs_default_to_the_models_bias(model, monkeypatch):
     conts = _right_padded(["hello there"])
     monkeypatch.setattr(model.config, "decode_boundary_bias", 1e9)
-    assert generation.decoding_logprobs(model, _bos_prompts(1), None, None, conts).flags[0].all()
+    assert calibration.decoding_logprobs(model, _bos_prompts(1), None, None, conts).flags[0].all()
     monkeypatch.setattr(model.config, "decode_boundary_bias", -1e9)
-    assert not generation.decoding_logprobs(model, _bos_prompts(1), None, None, conts).flags[0].any()
+    assert not calibration.decoding_logprobs(model, _bos_prompts(1), None, None, conts).flags[0].any()
 
 
 def test_generate_uses_the_models_decoding_bias(model, monkeypatch):
@@ -624,7 +626,7 @@ def test_calibrate_boundary_bias_matches_the_predictors_rate(model):
     texts = ["The history of the city begins in the year", "def fibonacci(n):\n    return n", "Once upon a time"]
     batches = [model.tokenizer(texts[:2], padding=True, return_tensors="pt"),
                model.tokenizer(texts[2:], padding=True, return_tensors="pt")]
-    cal = generation.calibrate_boundary_bias(model, batches, tolerance=0.05)
+    cal = calibration.calibrate_boundary_bias(model, batches, tolerance=0.05)
     # The target: the predictor's patch ends per decided byte (bos and each text's last byte excluded).
     ends = decided = 0
     for t in texts:
@@ -638,7 +640,7 @@ def test_calibrate_boundary_bias_matches_the_predictors_rate(model):
     assert cal.trials[0][0] == 0.0 and (cal.bias, cal.rate) in cal.trials
     # The reported rate is decoding's at the chosen bias, and it is the closest of the trials.
     conts = _right_padded(texts)
-    d = generation.decoding_logprobs(model, _bos_prompts(len(texts)), None, None, conts, boundary_bias=cal.bias)
+    d = calibration.decoding_logprobs(model, _bos_prompts(len(texts)), None, None, conts, boundary_bias=cal.bias)
     assert cal.rate == pytest.approx(float(d.flags.sum()) / cal.positions)
     assert abs(cal.rate - cal.target_rate) == min(abs(r - cal.target_rate) for _, r in cal.trials)
     # With 88 bytes the rate moves in steps of 1/88: within one step or so of the target, or within tolerance.
@@ -649,14 +651,14 @@ def test_calibrate_boundary_bias_matches_the_predictors_rate(model):
     push[BYTE_VOCAB_SIZE:] = 3.0
     model.lm_head.bias = torch.nn.Parameter(push)
     try:
-        pushed = generation.calibrate_boundary_bias(model, batches, tolerance=0.05)
+        pushed = calibration.calibrate_boundary_bias(model, batches, tolerance=0.05)
     finally:
         model.lm_head.bias = None
     assert pushed.trials[0][1] > cal.trials[0][1]
     # Not exactly 3 lower: the flags steer the decoding (and the source prior's trie cursor) differently.
     assert pushed.bias < cal.bias - 0.5
     assert abs(pushed.rate - pushed.target_rate) <= max(0.05 * pushed.target_rate, 1.5 / pushed.positions)
-    assert generation.calibrate_boundary_bias(model, batches, max_bytes=40).positions == 40
+    assert calibration.calibrate_boundary_bias(model, batches, max_bytes=40).positions == 40
 
 
 def test_cli_calibrate(model, tmp_path, capsys):

@@ -62,7 +62,7 @@ def _prompt_lines(path: str) -> list[str]:
 def _cmd_generate(args) -> int:
     import torch
 
-    from bytelift.generation import ByteTextStreamer
+    from bytelift.streaming import ByteTextStreamer
     from bytelift.modeling import ByteliftForCausalLM
 
     positional = list(args.args)
@@ -173,7 +173,7 @@ def _cmd_calibrate(args) -> int:
 
     from bytelift.evaluation import tasks as T
     from bytelift.evaluation.runner import default_heldout_data, torch_threads
-    from bytelift.generation import calibrate_boundary_bias
+    from bytelift.calibration import calibrate_boundary_bias
     from bytelift.modeling import ByteliftForCausalLM, check_model_folder
     from bytelift.training import write_json_atomically
 

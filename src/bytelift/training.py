@@ -95,7 +95,7 @@ class TrainConfig:
     target_bytes_per_patch: float | None = None  # stage 2: merge boundaries up to this ratio
     max_minutes: float | None = None  # wall-clock budget: stop (and save) once it is spent
     # After training, set the model's decode_boundary_bias so that decoding closes patches at the rate the
-    # predictor does (generation.calibrate_boundary_bias; ~1 min for SmolLM2 on 2 CPU cores).
+    # predictor does (calibration.calibrate_boundary_bias; ~1 min for SmolLM2 on 2 CPU cores).
     calibrate_decoding: bool = True
     # After training, before the decoding calibration, set the predictor's boundary threshold to the one with
     # the best F1 on the held-out windows (the reference's 1/2 is not the best once the predictor's
@@ -474,9 +474,9 @@ class ByteliftTrainer(Trainer):
         return threshold, before, after
 
     def calibrate_decoding(self):
-        """Set the model's `decode_boundary_bias` (see `generation.calibrate_boundary_bias`) from the
+        """Set the model's `decode_boundary_bias` (see `calibration.calibrate_boundary_bias`) from the
         held-out windows (training windows when there is no held-out split); returns the calibration."""
-        from bytelift.generation import calibrate_boundary_bias
+        from bytelift.calibration import calibrate_boundary_bias
 
         dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
         batches = itertools.islice(self.get_eval_dataloader(dataset), self._eval_batches())

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from bytelift.generation import decoding_logprobs
+from bytelift.calibration import decoding_logprobs
 from bytelift.modeling import ByteliftForCausalLM
 from bytelift.objectives import oracle_logits
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
@@ -255,7 +255,7 @@ class ByteScorer:
 
     def score_decoding(self, texts: Sequence[str | bytes], batch_size: int = DEFAULT_DECODING_BATCH) -> list[Scored]:
         """Log-likelihood of each text after bos under the model as it generates: patches closed by the
-        head's flag at the model's decoding threshold (`generation.decoding_logprobs`). `boundaries` marks
+        head's flag at the model's decoding threshold (`calibration.decoding_logprobs`). `boundaries` marks
         the bytes that closed a patch; `greedy` is not computed (False)."""
         data = [_as_bytes(t)[: self.max_bytes] for t in texts]
         results: list[Scored | None] = [None] * len(data)
