@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from bytelift.char_skills import CharSkillGenerator
 from bytelift.data import (
     IGNORE_INDEX,
     ByteCollator,
     ByteWindowDataset,
-    CharSkillGenerator,
     bpe_merge_patches,
     is_heldout,
     load_corpus,

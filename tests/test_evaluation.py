@@ -325,7 +325,7 @@ def test_source_segmentation_matches_tokenizer(pair, bytelevel_tokenizer):
 
 
 def test_cute_items_deterministic_answerable_and_unseen():
-    from bytelift.data import CharSkillGenerator
+    from bytelift.char_skills import CharSkillGenerator
 
     a, b = T.cute_items(3, seed=0), T.cute_items(3, seed=0)
     assert a == b and a != T.cute_items(3, seed=1)

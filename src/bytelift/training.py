@@ -552,7 +552,8 @@ class MergingCollator:
 
 
 def _datasets(cfg: TrainConfig, tokenizer: ByteTokenizer, rank: int, world_size: int):
-    from bytelift.data import ByteWindowDataset, CharSkillGenerator, load_corpus
+    from bytelift.char_skills import CharSkillGenerator
+    from bytelift.data import ByteWindowDataset, load_corpus
 
     read = dict(text_field=cfg.text_field, heldout_fraction=cfg.heldout_fraction, streaming=cfg.streaming)
     train_corpus, stats = load_corpus(cfg.data, split="train", **read)

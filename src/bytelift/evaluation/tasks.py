@@ -99,7 +99,7 @@ def cute_items(n_per_task: int, shots: int = DEFAULT_SHOTS, seed: int = 0,
     Each task gets `n_per_task` questions; every question is preceded by `shots` solved examples of the same
     task. Task names: `CharSkillGenerator.TASKS` (spelling, inverse spelling, reversal, insert/delete/
     substitute/swap a character, contains-character, and the word-level variants)."""
-    from bytelift.data import CharSkillGenerator
+    from bytelift.char_skills import CharSkillGenerator
 
     generator = CharSkillGenerator().for_evaluation()
     rng = np.random.default_rng(seed)
