@@ -31,7 +31,7 @@ def tiny_job(tmp_path_factory, bytelevel_tokenizer):
     cfg = ConvertConfig(
         source=str(root / "source"), data=[str(root / "corpus.jsonl")], output=str(root / "out"),
         stage1_steps=6, stage2_steps=5, window_tokens=32, heldout_fraction=0.1, eval=TINY_EVAL,
-        model={"local_heads": 4}, samples=("Hello", "The"), sample_bytes=8,
+        model={"local_heads": 4}, samples=("Hello", "The"), sample_bytes=8, snapshot_minutes=(1e-4,),
     )
     lines: list[str] = []
     result = convert(cfg, log=lines.append)
@@ -56,6 +56,11 @@ def test_convert_end_to_end(tiny_job):
     # Stage 2 started from stage 1's weights, not from a fresh conversion.
     s2 = json.loads((out / "stage2" / "bytelift_train_config.json").read_text())
     assert s2["init_from"] == str(out / "stage1") and s2["stage"] == 2
+    # One clock for the snapshots: stage 2 counts on from stage 1's training time, so the mark that stage 1
+    # passed at its first step is kept once, in stage 1.
+    assert s2["snapshot_offset_minutes"] == pytest.approx(state["done"]["stage1"]["train_runtime"] / 60)
+    assert [p.name for p in (out / "stage1" / "snapshots").iterdir()] == ["minute-0.0001"]
+    assert not (out / "stage2" / "snapshots").exists()
 
 
 def test_convert_refuses_to_overwrite_and_resumes(tiny_job):
@@ -128,9 +133,14 @@ def test_cli_convert_passes_the_stage2_options(monkeypatch, tmp_path):
     import bytelift.convert
 
     seen = {}
-    monkeypatch.setattr(bytelift.convert, "convert", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(bytelift.convert, "convert", lambda cfg: seen.__setitem__("cfg", cfg))
     assert main(["convert", "--output", str(tmp_path), "--stage1-from", "s1", "--bytes-per-patch", "7.5"]) == 0
     assert seen["cfg"].stage1_from == "s1" and seen["cfg"].target_bytes_per_patch == 7.5
+    assert main(["convert", "--output", str(tmp_path), "--snapshot-minutes", "5,12.5",
+                 "--model-set", "source_prior=false", "--model-set", "local-heads=2"]) == 0
+    assert seen["cfg"].snapshot_minutes == (5.0, 12.5) and seen["cfg"].model == {"source_prior": False, "local_heads": 2}
+    with pytest.raises(SystemExit):  # a non-positive minute is a usage error
+        main(["convert", "--snapshot-minutes", "0,5"])
 
 
 def test_cli_eval_and_show(tiny_job, tmp_path, capsys):

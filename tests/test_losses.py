@@ -54,6 +54,22 @@ def test_encoder_loss_by_hand():
     assert math.isclose(encoder_loss(student, teacher, mask).item(), expected, rel_tol=1e-6)
 
 
+def test_relative_encoder_loss_by_hand_and_scale_free():
+    student = torch.tensor([[[3.0, 4.0], [1.0, 1.0]]])
+    teacher = torch.tensor([[[0.0, 2.0], [1.0, 3.0]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    expected = (math.sqrt((9 + 4) / 2) / math.sqrt(4 / 2) + math.sqrt(4 / 2) / math.sqrt(10 / 2)) / 2
+    assert math.isclose(encoder_loss(student, teacher, mask, relative=True).item(), expected, rel_tol=1e-6)
+    # A source whose hidden states are 10x larger gives the same relative loss (and 10x the plain one).
+    for scale in (0.1, 10.0):
+        assert math.isclose(encoder_loss(scale * student, scale * teacher, mask, relative=True).item(), expected,
+                            rel_tol=1e-5)
+        assert math.isclose(encoder_loss(scale * student, scale * teacher, mask).item(),
+                            scale * encoder_loss(student, teacher, mask).item(), rel_tol=1e-5)
+    # An all-zero teacher state divides by the floor, not by zero.
+    assert torch.isfinite(encoder_loss(student, torch.zeros_like(teacher), mask, relative=True))
+
+
 def test_byte_ce_by_hand():
     logits = torch.zeros(1, 2, V2)
     logits[0, 0, 7] = 2.0

@@ -255,6 +255,11 @@ def test_bad_sources(bytelevel_tokenizer, sentencepiece_tokenizer, tmp_path):
     with pytest.raises(TypeError, match="inputs_embeds"):
         ByteliftForCausalLM.from_source(source, bytelevel_tokenizer, **LOCAL)
 
+    # A misspelt model option is refused, not kept as a silent config attribute; by name, before any
+    # source is loaded (the path does not exist).
+    with pytest.raises(ValueError, match=r"unknown model options \['source_priors'\]"):
+        ByteliftForCausalLM.from_source(str(tmp_path / "missing"), source_priors=False)
+
 
 def test_too_many_patches(bytelevel_tokenizer):
     source = tiny_source("llama", bytelevel_tokenizer, context=16)

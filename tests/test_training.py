@@ -167,12 +167,22 @@ def test_wall_clock_schedule_follows_the_budget(monkeypatch):
 
 def test_run_sized_by_time_stops_and_saves(tiny_run, tmp_path):
     cfg = stage1_config(tiny_run, output=str(tmp_path / "timed"), max_steps=None, max_minutes=0.15,
-                        save_steps=10**6, eval_steps=10**6)
+                        save_steps=10**6, eval_steps=10**6, snapshot_minutes=[0.5, 0.03, 0.01],
+                        snapshot_offset_minutes=0.02)
     metrics = train(cfg)
     logs = read_log(tmp_path / "timed")
     assert metrics["train_runtime"] < 0.15 * 60 + 30  # stopped by the clock (one step may run over)
     assert any(e.get("learning_rate", 0) > 0 for e in logs)
-    assert ByteliftForCausalLM.from_pretrained(tmp_path / "timed") is not None
+    final = ByteliftForCausalLM.from_pretrained(tmp_path / "timed")
+    # Learning-curve snapshots: the mark inside the run (the clock starts at the 0.02 min offset), none for
+    # the mark before the offset nor for the one after the run; each a loadable byte model of its step.
+    snaps = tmp_path / "timed" / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["minute-0.03"]
+    info = json.loads((snaps / "minute-0.03" / "snapshot.json").read_text())
+    assert info["minute"] >= 0.03 and info["step"] >= 1
+    snap = ByteliftForCausalLM.from_pretrained(snaps / "minute-0.03")
+    assert info["step"] < max(e["step"] for e in logs)  # saved mid-run: training went on after it
+    assert not torch.equal(snap.encoder.byte_embedding.weight, final.encoder.byte_embedding.weight)
     with pytest.raises(ValueError, match="max_minutes"):
         TrainConfig(max_steps=None)
 

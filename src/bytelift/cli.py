@@ -109,19 +109,33 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _minutes_list(text: str) -> tuple[float, ...]:
+    """'5,10,15' -> (5.0, 10.0, 15.0); argparse reports a ValueError as a usage error."""
+    minutes = tuple(float(m) for m in text.split(",") if m.strip())
+    if any(m <= 0 for m in minutes):
+        raise ValueError(text)
+    return minutes
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict:
+    """KEY=VALUE options (repeatable) -> {key: YAML-parsed value}; dashes in keys read as underscores."""
+    import yaml
+
+    values = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} expects key=value, got {item!r}")
+        values[key.replace("-", "_")] = yaml.safe_load(value)
+    return values
+
+
 def _cmd_train(args) -> int:
     import json
 
-    import yaml
-
     from bytelift.training import TrainConfig, train
 
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        overrides[key.replace("-", "_")] = yaml.safe_load(value)
+    overrides = _key_values(args.set, "--set")
     for key in ("stage", "source", "init_from", "data", "output", "max_steps", "batch_size", "window_tokens", "lr"):
         value = getattr(args, key)
         if value is not None:
@@ -235,9 +249,10 @@ def _cmd_convert(args) -> int:
     torch_threads(args.threads)
     values = {k: getattr(args, k) for k in ("source", "output", "budget_minutes", "eval_minutes", "seed",
                                            "window_tokens", "batch_size", "stage1_steps", "stage2_steps",
-                                           "target_bytes_per_patch", "stage1_from")
+                                           "target_bytes_per_patch", "stage1_from", "snapshot_minutes")
               if getattr(args, k) is not None}
-    cfg = ConvertConfig(**values, data=list(args.data or []), resume=args.resume)
+    cfg = ConvertConfig(**values, data=list(args.data or []), resume=args.resume,
+                        model=_key_values(args.model_set, "--model-set"))
     if args.output is None and args.source is not None:
         name = os.path.basename(os.path.normpath(args.source)).removesuffix(".gguf")
         cfg = dataclasses.replace(cfg, output=f"runs/{name}-bytes")
@@ -331,7 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="txt/jsonl/parquet files or folders (default: the built-in corpus)")
     p.add_argument("--output", help="output folder (default runs/<source>-bytes)")
     p.add_argument("--budget-minutes", dest="budget_minutes", type=float, help="whole job (default 30)")
-    p.add_argument("--eval-minutes", dest="eval_minutes", type=float, help="reserve for evaluation and samples (default 7)")
+    p.add_argument("--eval-minutes", dest="eval_minutes", type=float,
+                   help="reserve for evaluation and samples, within the budget (default 9.5)")
+    p.add_argument("--snapshot-minutes", dest="snapshot_minutes", type=_minutes_list, metavar="M1,M2,...",
+                   help="keep the model after these training minutes in <output>/stage<k>/snapshots/ "
+                        "(a learning curve from one run: benchmarks/learning_curve.py)")
+    p.add_argument("--model-set", dest="model_set", action="append", metavar="KEY=VALUE",
+                   help="a ByteliftConfig field of the new model, e.g. source_prior=false (repeatable)")
     p.add_argument("--stage1-steps", dest="stage1_steps", type=int, help="fixed steps instead of time")
     p.add_argument("--stage2-steps", dest="stage2_steps", type=int, help="fixed steps instead of time")
     p.add_argument("--stage1-from", dest="stage1_from",

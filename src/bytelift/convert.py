@@ -67,6 +67,9 @@ class ConvertConfig:
     stage1_from: str | None = None
     seed: int = 0
     resume: bool = False
+    # Training minutes (stage 1 then stage 2, one clock) at which to keep a copy of the model in
+    # <output>/stage<k>/snapshots/minute-<m> (benchmarks/learning_curve.py evaluates them).
+    snapshot_minutes: tuple[float, ...] = ()
     samples: tuple[str, ...] = SAMPLE_PROMPTS
     sample_bytes: int = 64
     model: dict[str, Any] = field(default_factory=dict)  # ByteliftConfig overrides (local width, depths, ...)
@@ -102,6 +105,12 @@ class _State:
 
 def _minutes_since(start: float) -> float:
     return (time.time() - start) / 60
+
+
+def _stage1_training_minutes(state: _State) -> float:
+    """Minutes stage 1 spent in its training loop (its train_runtime; 0 when stage 1 was given)."""
+    info = state.data["done"].get("stage1")
+    return float(info.get("train_runtime", 0.0)) / 60 if isinstance(info, dict) else 0.0
 
 
 def _log_minutes(folder: Path) -> float:
@@ -178,7 +187,8 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
         log(f"stage 1: distilling {cfg.source} into the byte model ({_budget(cfg.stage1_steps, minutes)})")
         metrics = train(TrainConfig(stage=1, source=cfg.source, output=str(output / "stage1"),
                                     max_steps=cfg.stage1_steps, max_minutes=None if cfg.stage1_steps else minutes,
-                                    model=dict(cfg.model), calibrate_decoding=False, **common))
+                                    model=dict(cfg.model), calibrate_decoding=False,
+                                    snapshot_minutes=list(cfg.snapshot_minutes), **common))
         state.mark("stage1", _minutes_since(t), _brief(metrics))
         log(f"stage 1 done in {_minutes_since(t):.1f} min: {_brief(metrics)}")
 
@@ -190,7 +200,9 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
         metrics = train(TrainConfig(stage=2, init_from=str(stage1_dir), output=str(output / "stage2"),
                                     max_steps=cfg.stage2_steps, max_minutes=None if cfg.stage2_steps else minutes,
                                     char_skill_rate=cfg.char_skill_rate,
-                                    target_bytes_per_patch=cfg.target_bytes_per_patch, **common))
+                                    target_bytes_per_patch=cfg.target_bytes_per_patch,
+                                    snapshot_minutes=list(cfg.snapshot_minutes),
+                                    snapshot_offset_minutes=_stage1_training_minutes(state), **common))
         state.mark("stage2", _minutes_since(t), _brief(metrics))
         log(f"stage 2 done in {_minutes_since(t):.1f} min: {_brief(metrics)}")
 

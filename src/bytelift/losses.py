@@ -23,6 +23,8 @@ LOG_P_CLIP = -1e-3
 # Reference loss weights and distillation temperature.
 BOUNDARY_WEIGHT = 4.0
 ENCODER_WEIGHT = 4.0
+# Floor of the teacher RMS that divides the relative encoder loss (no division by ~0 at an all-zero state).
+ENCODER_RMS_FLOOR = 1e-3
 DISTILL_WEIGHT = 1.0
 CE_WEIGHT = 1.0
 # Dense per-byte distillation (stage 1; not in the reference): KL from the teacher's trie marginal at every
@@ -66,16 +68,25 @@ def byte_ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def encoder_loss(student: torch.Tensor, teacher: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+def encoder_loss(
+    student: torch.Tensor, teacher: torch.Tensor, patch_mask: torch.Tensor, relative: bool = False
+) -> torch.Tensor:
     """RMS distance ‖a − b‖₂ / √d (not squared, as the reference) between hidden states, per patch.
+
+    With `relative`, each patch's distance is divided by the teacher state's own RMS there (floored at
+    ENCODER_RMS_FLOOR), so the term reads the same on sources whose hidden states differ in scale (Gemma's
+    are ~10x SmolLM2's) instead of drowning the other terms on the larger ones.
 
     Args:
         student: (B, P, d) global hidden state after layer k fed the pooled patches.
         teacher: (B, P, d) the same layer's state fed the source token embeddings (aligned positions).
         patch_mask: (B, P) bool valid patches.
+        relative: divide by the teacher's per-patch RMS.
     """
     diff = student.float() - teacher.float()
     dist = diff.pow(2).mean(-1).clamp_min(1e-12).sqrt()
+    if relative:
+        dist = dist / teacher.float().pow(2).mean(-1).sqrt().clamp_min(ENCODER_RMS_FLOOR)
     return masked_mean(dist, patch_mask)
 
 
@@ -214,6 +225,7 @@ class LossWeights:
 
     boundary: float = BOUNDARY_WEIGHT
     encoder: float = ENCODER_WEIGHT
+    encoder_relative: bool = False  # divide the encoder loss by the teacher's RMS (see encoder_loss)
     distill: float = DISTILL_WEIGHT
     ce: float = CE_WEIGHT
     dense_distill: float = DENSE_DISTILL_WEIGHT

@@ -540,6 +540,9 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         """
         from bytelift.sources import load_source
 
+        unknown = sorted(set(config_overrides) - set(ByteliftConfig().to_dict()))
+        if unknown:  # PretrainedConfig would keep them silently as attributes
+            raise ValueError(f"unknown model options {unknown}: not ByteliftConfig fields")
         if not isinstance(source, PreTrainedModel):
             name = str(source)
             source, loaded_tokenizer = load_source(name)

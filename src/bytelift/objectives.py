@@ -247,7 +247,7 @@ class Stage1Objective(nn.Module):
         s_k, _ = hidden_after_layer(
             gm, self.encoder_layer, stop=True, inputs_embeds=embeds, attention_mask=patch_mask.long(), use_cache=False
         )
-        enc = encoder_loss(s_k, t_k[:, :P], patch_mask & token_mask[:, :P])
+        enc = encoder_loss(s_k, t_k[:, :P], patch_mask & token_mask[:, :P], relative=self.weights.encoder_relative)
 
         # Oracle patches: the decoder reads the teacher's final hidden states in place of global outputs;
         # the teacher's trie marginal at every byte is the source prior of those patches (added to the
