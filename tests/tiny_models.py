@@ -82,3 +82,12 @@ def tiny_source(arch: str, tokenizer, seed: int = 0, extra_rows: int = 3, contex
     config = tiny_config(arch, len(tokenizer) + extra_rows, context=context, special_ids=ids)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_tiny_source(folder, arch: str, tokenizer, **kwargs):
+    """`tiny_source(arch, tokenizer, **kwargs)` saved as an HF folder (weights and tokenizer), the way
+    `bytelift.sources.load_source` reads a source; returns the model."""
+    model = tiny_source(arch, tokenizer, **kwargs)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model

@@ -265,6 +265,12 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_lm_eval(args) -> int:
+    from bytelift.evaluation.harness_run import command
+
+    return command(args)
+
+
 # Evaluation item counts exposed as --flags (EvalConfig fields; loop_bytes counts new bytes per sample).
 EVAL_COUNTS = ("heldout_docs", "lambada", "hellaswag", "cute_per_task", "basic_skills", "loop_bytes")
 
@@ -378,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     _add_eval_counts(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "lm-eval", help="run lm-evaluation-harness tasks on a byteified model and its source, side by side",
+        description="Needs the eval extra (pip install 'bytelift[eval]'). --export-tasks DIR writes bytelift's "
+                    "offline evaluation data as harness tasks; --include-path DIR runs them without hub access.",
+    )
+    from bytelift.evaluation.harness_run import add_arguments as _add_lm_eval_arguments
+
+    _add_lm_eval_arguments(p)
+    p.set_defaults(func=_cmd_lm_eval)
 
     p = sub.add_parser(
         "calibrate", help="set a model's decoding threshold so that generation closes patches at the trained rate",

@@ -11,6 +11,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,20 +63,29 @@ def _dequantised(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    """Write into a temporary sibling folder, then rename: an interrupted conversion never leaves a
-    half-written cache entry behind."""
+@contextmanager
+def folder_replaced_atomically(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling folder of `target` to write into; when the block ends without error it replaces
+    `target`, otherwise it is removed. So an interrupted write never leaves a half-written folder behind,
+    and `target` holds either its old content or the whole new one."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        yield tmp
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Save a model and its tokenizer as one cache entry (`folder_replaced_atomically`)."""
+    with folder_replaced_atomically(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def packaged_source_path(name: str = DEFAULT_SOURCE) -> Path:
