@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
+    StoppingCriteriaList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -76,6 +77,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from bytelift.mlstm import FusedLinear, MLSTMState
 from bytelift.prior import NO_NODE, add_prior, prior_logprobs, token_cumsums
+from bytelift.streaming import MarkerFilter
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, FILLER_ID, PAD_ID, fuse
 
 # Batching policy: the global model runs once at least this fraction of the unfinished rows closed a patch
@@ -705,6 +707,8 @@ class ByteliftGenerationMixin:
         boundary_bias: float | None = None,
         max_patch_bytes: int | None = None,
         global_sync: float = DEFAULT_GLOBAL_SYNC,
+        stopping_criteria: Sequence | None = None,
+        end_of_turn: bool = True,
         state: dict | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The decoding loop as a generator: yields (emitted (B,) bool, byte (B,) long) after each step;
@@ -739,7 +743,10 @@ class ByteliftGenerationMixin:
             generators = None
             if do_sample and seed is not None:
                 generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(B)]
-            stops = _stop_sequences(stop_strings, device)
+            marker = self.tokenizer.end_of_turn_stop if end_of_turn and self.tokenizer is not None else None
+            state["end_of_turn"] = marker
+            stops = _stop_sequences(stop_strings, device) + _stop_sequences(marker, device)
+            criteria = StoppingCriteriaList(stopping_criteria or [])
             tail_len = max((len(s) for s in stops), default=0)
             tail = None
             if tail_len:
@@ -749,7 +756,7 @@ class ByteliftGenerationMixin:
             # The processors' view of each row: its un-fused ids so far, right-aligned (left-padded with
             # PAD_ID, which they never see as a candidate: it is banned), as an HF (B, T) id tensor.
             history = None
-            if len(processors):
+            if len(processors) or len(criteria):
                 history = torch.cat([torch.full((B, max_new_bytes), PAD_ID, dtype=torch.long, device=device),
                                      torch.where(session.mask, input_ids, PAD_ID)], dim=1)
             sink = torch.full((B,), max_new_bytes, dtype=torch.long, device=device)
@@ -782,6 +789,8 @@ class ByteliftGenerationMixin:
                     tail = torch.where(ready[:, None], torch.cat([tail[:, 1:], byte[:, None]], dim=1), tail)
                     for stop in stops:  # per stop string, vectorised over rows
                         done |= (tail[:, tail_len - len(stop) :] == stop).all(dim=1)
+                if len(criteria):
+                    done |= criteria(history, logits)
                 session.finished |= ready & done
                 symbols = fuse(byte, flag)
                 yield ready, byte
@@ -808,8 +817,11 @@ class ByteliftGenerationMixin:
         boundary_bias: float | None = None,
         max_patch_bytes: int | None = None,
         global_sync: float = DEFAULT_GLOBAL_SYNC,
+        stopping_criteria: Sequence | None = None,
+        end_of_turn: bool = True,
         return_dict: bool = False,
         max_new_tokens: int | None = None,
+        pad_token_id: int | None = None,
     ):
         """Generate bytes after each prompt (greedy by default).
 
@@ -836,8 +848,17 @@ class ByteliftGenerationMixin:
                 patches at 128 bytes while decoding); None = no cap.
             global_sync: batching policy in (0, 1]; see the module docstring (1.0 = park rows, as the
                 reference; tiny = never park). Outputs do not depend on it, only speed.
+            stopping_criteria: `transformers` StoppingCriteria, called after every step with the (B, T) un-fused
+                ids so far and the (B, 2·V_b) fused logits; a row stops where they return True.
+            end_of_turn: stop a row at the end-of-turn marker of the source's chat template
+                (`ByteTokenizer.end_of_turn`): EOS where the marker is the source's eos, else its text (a stop
+                string, dropped from `texts` like a special token). The marker is a special token of the source
+                that ordinary text does not contain, so this holds for any prompt.
             return_dict: return a `GenerateOutput` instead of the (B, L + T) `sequences` tensor.
+            pad_token_id: accepted for `transformers` pipelines (which pass the tokenizer's); must be PAD_ID.
         """
+        if pad_token_id is not None and pad_token_id != PAD_ID:
+            raise ValueError(f"pad_token_id must be the byte vocabulary's pad id {PAD_ID}, got {pad_token_id}")
         if max_new_tokens is not None:
             if max_new_bytes is not None and max_new_bytes != max_new_tokens:
                 raise ValueError("pass max_new_bytes or max_new_tokens, not both")
@@ -848,7 +869,8 @@ class ByteliftGenerationMixin:
             input_ids, attention_mask, expanded_ids, max_new_bytes=max_new_bytes, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             stop_strings=stop_strings, eos=eos, seed=seed, logits_processor=logits_processor,
-            boundary_bias=boundary_bias, max_patch_bytes=max_patch_bytes, global_sync=global_sync, state=state,
+            boundary_bias=boundary_bias, max_patch_bytes=max_patch_bytes, global_sync=global_sync,
+            stopping_criteria=stopping_criteria, end_of_turn=end_of_turn, state=state,
         )
         first = True
         for ready, byte in steps:
@@ -875,17 +897,22 @@ class ByteliftGenerationMixin:
             kwargs.setdefault("max_new_bytes", kwargs.pop("max_new_tokens"))
         state: dict = {}
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        marker = None
         with torch.inference_mode():
             steps = self._generate_steps(prompt, state=state, **kwargs)
             for ready, byte in steps:
                 if state["input_ids"].shape[0] != 1:
                     raise ValueError("stream() takes one prompt")
+                if marker is None:  # the end-of-turn marker, known once decoding started
+                    marker = MarkerFilter(state.get("end_of_turn"))
                 b = int(byte[0])
                 if bool(ready[0]) and b >= BYTE_OFFSET:
-                    text = decoder.decode(bytes([b - BYTE_OFFSET]))
+                    text = marker.feed(decoder.decode(bytes([b - BYTE_OFFSET])))
                     if text:
                         yield text
         text = decoder.decode(b"", final=True)
+        if marker is not None:
+            text = marker.feed(text) + marker.flush()
         if text:
             yield text
 

@@ -12,6 +12,30 @@ from transformers.generation.streamers import BaseStreamer
 from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE
 
 
+class MarkerFilter:
+    """Drops every occurrence of `marker` from text that arrives piece by piece, withholding a trailing piece
+    while it may be the start of one (the end-of-turn marker of a chat template spelled as text: a special
+    token of the source, which `decode(skip_special_tokens=True)` drops too). No marker: text passes through."""
+
+    def __init__(self, marker: str | None):
+        self.marker = marker or ""
+        self._pending = ""
+
+    def feed(self, text: str) -> str:
+        if not self.marker:
+            return text
+        text = (self._pending + text).replace(self.marker, "")
+        keep = next((k for k in range(min(len(text), len(self.marker) - 1), 0, -1)
+                     if self.marker.startswith(text[-k:])), 0)
+        self._pending = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """The withheld text (it turned out not to be a marker)."""
+        text, self._pending = self._pending, ""
+        return text
+
+
 class ByteTextStreamer(BaseStreamer):
     """A `transformers` streamer (`put` / `end`) for byte ids that emits text only at UTF-8 character
     boundaries (an incremental UTF-8 decoder; invalid bytes become U+FFFD; special ids are dropped).
@@ -19,12 +43,14 @@ class ByteTextStreamer(BaseStreamer):
     Args:
         skip_prompt: drop the first `put` (the prompt), as `TextStreamer(skip_prompt=True)`.
         on_text: called with each non-empty text piece (default: print it without a newline).
+        hold_back: a marker text never emitted (`MarkerFilter`), e.g. `tokenizer.end_of_turn_stop`.
     """
 
-    def __init__(self, skip_prompt: bool = True, on_text=None):
+    def __init__(self, skip_prompt: bool = True, on_text=None, hold_back: str | None = None):
         self.skip_prompt = skip_prompt
         self.on_text = on_text
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._filter = MarkerFilter(hold_back)
         self._prompt_pending = skip_prompt
 
     def put(self, value) -> None:
@@ -40,10 +66,10 @@ class ByteTextStreamer(BaseStreamer):
         ids = ids.cpu().numpy().astype(np.int64)
         ids = np.where(ids >= BYTE_VOCAB_SIZE, ids - BYTE_VOCAB_SIZE, ids)
         data = (ids[ids >= BYTE_OFFSET] - BYTE_OFFSET).astype(np.uint8).tobytes()
-        self._emit(self._decoder.decode(data))
+        self._emit(self._filter.feed(self._decoder.decode(data)))
 
     def end(self) -> None:
-        self._emit(self._decoder.decode(b"", final=True))
+        self._emit(self._filter.feed(self._decoder.decode(b"", final=True)) + self._filter.flush())
         self._decoder.reset()
         self._prompt_pending = self.skip_prompt
         self.on_end()
@@ -65,10 +91,10 @@ class ByteTextIteratorStreamer(ByteTextStreamer):
 
     _STOP = object()
 
-    def __init__(self, skip_prompt: bool = True, timeout: float | None = None):
+    def __init__(self, skip_prompt: bool = True, timeout: float | None = None, hold_back: str | None = None):
         self.queue: queue.Queue = queue.Queue()
         self.timeout = timeout
-        super().__init__(skip_prompt=skip_prompt, on_text=self.queue.put)
+        super().__init__(skip_prompt=skip_prompt, on_text=self.queue.put, hold_back=hold_back)
 
     def on_end(self) -> None:
         self.queue.put(self._STOP)

@@ -34,6 +34,8 @@ from transformers.tokenization_python import PythonBackend
 from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
 from transformers.utils import PaddingStrategy, TensorType
 
+from bytelift.chat_template import ChatTemplateMixin
+
 __all__ = [
     "PAD_ID",
     "BOS_ID",
@@ -821,7 +823,7 @@ def _id_to_token_table() -> list[str]:
     return plain + [t + FUSED_TOKEN_SUFFIX for t in plain]
 
 
-class ByteTokenizer(PythonBackend):
+class ByteTokenizer(ChatTemplateMixin, PythonBackend):
     """Bytes in, bytes out: the tokenizer of a byteified model.
 
     Vocabulary: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, ``<filler>``=3, then the 256 bytes (token strings in
@@ -834,6 +836,7 @@ class ByteTokenizer(PythonBackend):
     ``"<bos>"`` is encoded as its bytes, never as a special id — and, when a source tokenizer is wrapped,
     ``expanded_ids`` (the longest-suffix source ids, see :class:`SuffixExpander`; padded with
     ``no_subword_id``). ``add_special_tokens=True`` prepends ``<bos>``. Padding is on the left by default.
+    ``apply_chat_template`` renders the source tokenizer's chat template (``bytelift.chat_template``).
 
     Args:
         source_tokenizer: the source model's (fast) tokenizer; ``None`` for a bytes-only tokenizer (no
@@ -1106,7 +1109,9 @@ class ByteTokenizer(PythonBackend):
         **kwargs,
     ) -> str:
         """Ids -> text: fused ids un-fused, pad/filler always dropped, bos/eos shown unless skipped, bytes
-        decoded as UTF-8 with ``errors`` (default ``"replace"``)."""
+        decoded as UTF-8 with ``errors`` (default ``"replace"``). Skipping special tokens also drops the chat
+        template's end-of-turn marker where it is spelled as text (``end_of_turn_stop``), as the source drops
+        that special token."""
         ids = unfuse(_check_ids(np.asarray(token_ids).reshape(-1), "token_ids"))
         visible = ids >= BYTE_OFFSET
         if not skip_special_tokens:
@@ -1119,7 +1124,9 @@ class ByteTokenizer(PythonBackend):
             if pos < len(ids):
                 parts.append(SPECIAL_TOKENS[ids[pos]])
             start = pos + 1
-        return "".join(parts)
+        text = "".join(parts)
+        marker = self.end_of_turn_stop if skip_special_tokens else None
+        return text.replace(marker, "") if marker else text
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         parts, buf = [], bytearray()
