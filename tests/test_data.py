@@ -1,4 +1,5 @@
-"""Tests of bytelift.data: corpus reading, windows, collation, BPE merges, character-skill data."""
+"""Tests of bytelift.data: windows, document pieces, collation, BPE merges, character-skill data (corpus
+reading: tests/test_corpus_reading.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,14 @@ import pytest
 import torch
 
 from bytelift.char_skills import CharSkillGenerator
+from bytelift.corpus_reading import is_heldout, load_corpus, split_document
 from bytelift.data import (
     IGNORE_INDEX,
     ByteCollator,
     ByteWindowDataset,
     bpe_merge_patches,
-    is_heldout,
-    load_corpus,
     mix_documents,
     patch_boundaries,
-    split_document,
 )
 from bytelift.tokenization import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, ByteTokenizer, gpt2_byte_to_unicode
 from tests.tiny_tokenizers import SAMPLE_TEXTS
@@ -70,111 +69,6 @@ def _token_bytes_reference(tok: ByteTokenizer, token_id: int) -> list[int]:
 
 def _tokens(tok: ByteTokenizer, text: str) -> list[int]:
     return tok.source_tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Corpus reading
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _write_corpus(root) -> set[str]:
-    """A mixed corpus; returns the documents that must be read (txt_mode="document")."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    (root / "sub" / "deeper").mkdir(parents=True)
-    (root / "a.txt").write_text("First document.\nSecond line.", encoding="utf-8")
-    (root / "sub" / "b.txt").write_text("Para one.\n\n  \nPara two.\n", encoding="utf-8")
-    (root / "sub" / "bad.txt").write_bytes(b"not \xff\xfe utf-8")  # undecodable: skipped, counted
-    (root / "sub" / "empty.txt").write_text(" \n\t", encoding="utf-8")  # empty: skipped, counted
-    (root / "sub" / "ignored.md").write_text("not a corpus suffix", encoding="utf-8")
-    records = [{"text": "json doc one", "id": 1}, {"text": "", "id": 2}, {"text": None, "id": 3},
-               {"text": "json doc two", "id": 4}]
-    (root / "sub" / "deeper" / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    pq.write_table(pa.table({"text": ["parquet doc", "  ", "parquet doc 2"]}), root / "d.parquet")
-    return {"First document.\nSecond line.", "Para one.\n\n  \nPara two.\n", "json doc one", "json doc two",
-            "parquet doc", "parquet doc 2"}
-
-
-@pytest.mark.parametrize("streaming", [False, True])
-def test_load_corpus_mixed_formats_skips_and_counts(tmp_path, streaming):
-    expected = _write_corpus(tmp_path)
-    corpus, stats = load_corpus(tmp_path, split=None, streaming=streaming)
-    docs = [row["text"] for row in corpus]
-    assert sorted(docs) == sorted(expected)
-    assert stats.files == 6  # .md ignored
-    assert stats.skipped_undecodable == 1
-    assert stats.skipped_empty == 4  # empty.txt, "" and null in jsonl, "  " in parquet
-    assert stats.documents == len(expected)
-    assert streaming == (type(corpus).__name__ == "IterableDataset")
-
-
-def test_load_corpus_paragraphs_field_and_files(tmp_path):
-    _write_corpus(tmp_path)
-    corpus, stats = load_corpus(tmp_path / "sub" / "b.txt", txt_mode="paragraph", split=None)
-    assert list(corpus["text"]) == ["Para one.", "Para two."]
-    (tmp_path / "e.jsonl").write_text(json.dumps({"body": "custom field", "text": 3}) + "\n")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"body": ["pq body"]}), tmp_path / "f.parquet")
-    corpus, stats = load_corpus([tmp_path / "e.jsonl", tmp_path / "f.parquet"], text_field="body", split=None)
-    assert list(corpus["text"]) == ["custom field", "pq body"]
-    (tmp_path / "g.jsonl").write_text(json.dumps({"text": 3}) + "\n" + json.dumps({"text": "ok"}) + "\n")
-    corpus, stats = load_corpus(tmp_path / "g.jsonl", split=None)
-    assert list(corpus["text"]) == ["ok"] and stats.skipped_non_text == 1
-    with pytest.raises(ValueError, match="e.jsonl"):  # its "text" field is never a string
-        load_corpus([tmp_path / "a.txt", tmp_path / "e.jsonl"], split=None)
-
-
-def test_load_corpus_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing_dir"):
-        load_corpus(tmp_path / "missing_dir")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "x.txt").write_bytes(b"\xff\xff")
-    (bad / "y.txt").write_text("   ")
-    good = tmp_path / "good.txt"
-    good.write_text("fine")
-    for streaming in (False, True):
-        with pytest.raises(ValueError, match=r"bad.*no usable text"):
-            load_corpus([good, bad], split=None, streaming=streaming)
-    with pytest.raises(ValueError, match=r"empty_dir holds no .* file"):
-        load_corpus(_empty_dir(tmp_path), split=None)
-    (tmp_path / "notes.md").write_text("x")
-    with pytest.raises(ValueError, match="notes.md"):
-        load_corpus(tmp_path / "notes.md")
-    (tmp_path / "nofield.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"nofield.jsonl.*'text'"):
-        load_corpus(tmp_path / "nofield.jsonl", split=None)
-
-
-def _empty_dir(tmp_path):
-    d = tmp_path / "empty_dir"
-    d.mkdir()
-    (d / "readme.md").write_text("nothing to read")
-    return d
-
-
-def test_heldout_split_disjoint_and_order_independent(tmp_path):
-    docs = [f"document number {i}: " + " ".join(WORDS[: i % 10 + 1]) for i in range(400)]
-    forward, backward = tmp_path / "fwd", tmp_path / "bwd"
-    forward.mkdir()
-    backward.mkdir()
-    (forward / "all.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    for i, d in enumerate(reversed(docs)):  # other order, other files, other format
-        (backward / f"{i:04d}.txt").write_text(d)
-    splits = {}
-    for name, root in (("fwd", forward), ("bwd", backward)):
-        train, _ = load_corpus(root, split="train", heldout_fraction=0.25)
-        held, stats = load_corpus(root, split="heldout", heldout_fraction=0.25)
-        splits[name] = (set(train["text"]), set(held["text"]))
-        assert stats.other_split == len(train)
-    (train_f, held_f), (train_b, held_b) = splits["fwd"], splits["bwd"]
-    assert train_f.isdisjoint(held_f) and train_f | held_f == set(docs)
-    assert (train_f, held_f) == (train_b, held_b)
-    assert 0.15 < len(held_f) / len(docs) < 0.35
-    assert held_f == {d for d in docs if is_heldout(d, 0.25)}
 
 
 # ---------------------------------------------------------------------------------------------------------

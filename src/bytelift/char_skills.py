@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bytelift.data import is_heldout
+from bytelift.corpus_reading import is_heldout
 
 
 WORDFREQ_ENGLISH = "large_en.msgpack.gz"

@@ -7,8 +7,9 @@ Code: the Python standard library source of the running interpreter (tests and v
 
     path = build_default_corpus("runs/corpus")         # -> runs/corpus/default.jsonl, one {"text": ...} per line
 
-The held-out split is the usual stable hash of each document (`bytelift.data.is_heldout`), so training and
-evaluation agree on it without storing two files.
+The held-out split is the usual stable hash of each document (`bytelift.corpus_reading.is_heldout`: with
+thousands of documents the corpus is split by document), so training and evaluation agree on it without
+storing two files.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Pipeline (DESIGN §2 "Data", reference spec §6.1)::
 
-    files (.txt / .jsonl / .parquet, folders) ──load_corpus──> documents (HF Dataset or IterableDataset)
+    files, folders, saved datasets ──bytelift.corpus_reading.load_corpus──> documents (HF Dataset or IterableDataset)
         ──(optional) mix_documents with `bytelift.char_skills` documents──>
         ──ByteWindowDataset: cut long documents into pieces of a few windows, shuffle by seed,
           shard by (rank, world_size), tokenise in batches,
@@ -35,31 +35,27 @@ Decisions (documented because the reference differs or is silent):
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import torch
 
+# Corpus reading lives in bytelift.corpus_reading; these names stay importable from here for older callers.
+from bytelift.corpus_reading import CorpusStats, is_heldout, load_corpus, split_document
 from bytelift.tokenization import BOS_ID, IGNORE_INDEX, PAD_ID, ByteTokenizer
 
-if TYPE_CHECKING:  # char_skills imports this module
+if TYPE_CHECKING:  # a type hint only: data needs no character-skill text otherwise
     from bytelift.char_skills import CharSkillGenerator
 
 __all__ = [
     "IGNORE_INDEX",
     "DEFAULT_WINDOW_TOKENS",
     "DEFAULT_BYTE_EXPANSION_FACTOR",
-    "CORPUS_SUFFIXES",
     "CorpusStats",
-    "find_corpus_files",
     "load_corpus",
     "is_heldout",
     "split_document",
@@ -75,14 +71,6 @@ __all__ = [
 
 DEFAULT_WINDOW_TOKENS = 4096  # reference SEQUENCE_LENGTH
 DEFAULT_BYTE_EXPANSION_FACTOR = 6  # reference byte cap = 4096 × 6 = 24,576 bytes
-DEFAULT_HELDOUT_FRACTION = 0.01
-HELDOUT_SALT = b"bytelift-heldout"  # blake2b personalisation (≤ 16 bytes): a different salt = a different split
-TEXT_SUFFIXES = (".txt",)
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
-PARQUET_SUFFIXES = (".parquet",)
-CORPUS_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
-_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # blank lines (maybe with spaces) end a paragraph
-_HASH_SCALE = float(2**64)
 RATIO_EPS = 1e-9
 # Long training documents are cut into pieces of about this many windows before the document shuffle, so
 # that the pieces of one long file (a 229 KB stdlib module is ~470 windows of 128 tokens) are spread over
@@ -96,219 +84,7 @@ PIECE_BYTES_PER_TOKEN = 4
 
 
 # ========================================================================================================
-# 1. Corpus reading
-# ========================================================================================================
-
-
-@dataclass
-class CorpusStats:
-    """What reading a corpus kept and skipped; log it with ``as_dict()``.
-
-    Counters are updated while documents are read: complete after ``load_corpus(streaming=False)``; for a
-    streaming corpus they cover what this process has iterated so far.
-    """
-
-    files: int = 0
-    documents: int = 0  # kept, on the requested side of the held-out split
-    other_split: int = 0  # usable documents that belong to the other side of the split
-    skipped_empty: int = 0  # empty or whitespace-only documents (or a null text field)
-    skipped_undecodable: int = 0  # .txt files that are not valid UTF-8 (whole file skipped)
-    skipped_non_text: int = 0  # a text field that is not a string
-    per_file_documents: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, int]:
-        out = asdict(self)
-        out.pop("per_file_documents")
-        return out
-
-
-def is_heldout(text: str, fraction: float, salt: bytes = HELDOUT_SALT) -> bool:
-    """Stable per-document split: blake2b(text) mapped to [0, 1) < ``fraction``.
-
-    Depends only on the text (not on order, file, shard or process), so a document — and every exact
-    duplicate of it — is always on the same side.
-    """
-    if fraction <= 0.0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, person=salt).digest()
-    return int.from_bytes(digest, "little") / _HASH_SCALE < fraction
-
-
-def _suffix_kind(path: Path, text_suffixes: Sequence[str] = TEXT_SUFFIXES) -> str | None:
-    name = path.name.lower()
-    for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("txt", tuple(text_suffixes))):
-        if name.endswith(suffixes):
-            return kind
-    return None
-
-
-def find_corpus_files(
-    paths: str | os.PathLike | Sequence[str | os.PathLike], text_suffixes: Sequence[str] = TEXT_SUFFIXES
-) -> list[list[Path]]:
-    """Resolve files and folders (recursively) into corpus files, grouped per given path.
-
-    Returns:
-        one sorted list of files per given path (folders: every jsonl/parquet file and every file ending
-        with one of ``text_suffixes``; other files are ignored).
-
-    Raises:
-        FileNotFoundError: a path does not exist.
-        ValueError: a file has an unsupported suffix, or a folder holds no corpus file.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not paths:
-        raise ValueError("load_corpus: no paths given")
-    suffixes = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES + tuple(text_suffixes))
-    groups = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise FileNotFoundError(f"corpus path does not exist: {path}")
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix_kind(p, text_suffixes))
-            if not files:
-                raise ValueError(f"corpus folder {path} holds no corpus file (suffixes: {suffixes})")
-        elif _suffix_kind(path, text_suffixes) is None:
-            raise ValueError(f"unsupported corpus file {path}: expected one of {suffixes}")
-        else:
-            files = [path]
-        groups.append(files)
-    return groups
-
-
-def _raw_documents(path: Path, text_field: str, txt_mode: str, stats: CorpusStats) -> Iterator[Any]:
-    """Raw documents of one file (strings, or whatever the text field holds)."""
-    kind = _suffix_kind(path, (path.name.lower(),))  # files arrive already selected: anything else is text
-    if kind == "txt":
-        try:
-            text = path.read_bytes().decode("utf-8")  # strict: invalid UTF-8 skips the file
-        except UnicodeDecodeError:
-            stats.skipped_undecodable += 1
-            return
-        if txt_mode == "paragraph":
-            yield from (p.strip("\r\n") for p in _PARAGRAPH_BREAK.split(text))
-        else:
-            yield text
-        return
-    builder = "json" if kind == "jsonl" else "parquet"
-    try:
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
-        for i, row in enumerate(rows):
-            if text_field not in row:
-                raise ValueError(f"{path}: record {i} has no field {text_field!r} (fields: {sorted(row)})")
-            yield row[text_field]
-    except ValueError:
-        raise
-    except Exception as err:  # pyarrow/json errors do not say which file
-        raise ValueError(f"could not read corpus file {path}: {err}") from err
-
-
-def _documents(
-    files: Iterable[Path],
-    *,
-    text_field: str,
-    txt_mode: str,
-    split: str | None,
-    heldout_fraction: float,
-    stats: CorpusStats,
-) -> Iterator[str]:
-    """Usable documents of ``files`` on the requested side of the split, counting what is skipped."""
-    for path in files:
-        stats.files += 1
-        kept = 0
-        for doc in _raw_documents(path, text_field, txt_mode, stats):
-            if doc is None:
-                stats.skipped_empty += 1
-                continue
-            if not isinstance(doc, str):
-                stats.skipped_non_text += 1
-                continue
-            if not doc.strip():
-                stats.skipped_empty += 1
-                continue
-            if split is not None and is_heldout(doc, heldout_fraction) != (split == "heldout"):
-                stats.other_split += 1
-                continue
-            stats.documents += 1
-            kept += 1
-            yield doc
-        stats.per_file_documents[str(path)] = kept
-
-
-def load_corpus(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    text_field: str = "text",
-    txt_mode: str = "document",
-    text_suffixes: Sequence[str] = TEXT_SUFFIXES,
-    split: str | None = "train",
-    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
-    streaming: bool = False,
-) -> tuple[datasets.Dataset | datasets.IterableDataset, CorpusStats]:
-    """Read local text files into a ``datasets`` corpus with one ``"text"`` column.
-
-    Args:
-        paths: files and/or folders (searched recursively), mixed formats allowed: ``.txt`` (UTF-8),
-            ``.jsonl``/``.json`` (one JSON object per line, optionally ``.gz``), ``.parquet``.
-        text_field: field holding the text in jsonl/parquet records.
-        txt_mode: ``"document"`` (a .txt file is one document) or ``"paragraph"`` (blank-line-separated
-            paragraphs are documents).
-        text_suffixes: suffixes read as plain UTF-8 text (default ``.txt``; add ``.py`` for a code corpus).
-        split: ``"train"``, ``"heldout"`` (see :func:`is_heldout`) or ``None`` (everything).
-        heldout_fraction: fraction of documents (by stable hash) on the held-out side.
-        streaming: return an ``IterableDataset`` (one shard per file, read lazily) instead of an in-memory
-            ``Dataset``.
-
-    Returns:
-        (corpus, stats). Empty documents and undecodable .txt files are skipped and counted in ``stats``.
-
-    Raises:
-        FileNotFoundError: a path does not exist.
-        ValueError: unsupported file, a jsonl/parquet record without ``text_field``, or a given path with no
-            usable document (checked up front, also when streaming: its files are read until one document
-            is found).
-    """
-    if txt_mode not in ("document", "paragraph"):
-        raise ValueError(f"txt_mode must be 'document' or 'paragraph', got {txt_mode!r}")
-    if split not in ("train", "heldout", None):
-        raise ValueError(f"split must be 'train', 'heldout' or None, got {split!r}")
-    if not 0.0 <= heldout_fraction <= 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
-    groups = find_corpus_files(paths, text_suffixes)
-    stats = CorpusStats()
-    read = dict(text_field=text_field, txt_mode=txt_mode, split=split, heldout_fraction=heldout_fraction)
-
-    def no_text(files: list[Path], given) -> ValueError:
-        return ValueError(
-            f"corpus path {given} has no usable text (every document is empty, not UTF-8, or lacks the "
-            f"field {text_field!r}; {len(files)} file(s) read)"
-        )
-
-    if not streaming:
-        texts: list[str] = []
-        for given, files in zip([paths] if isinstance(paths, (str, os.PathLike)) else paths, groups):
-            before, other = stats.documents, stats.other_split
-            texts.extend(_documents(files, stats=stats, **read))
-            if stats.documents == before and stats.other_split == other:
-                raise no_text(files, given)
-        return datasets.Dataset.from_dict({"text": texts}), stats
-
-    for given, files in zip([paths] if isinstance(paths, (str, os.PathLike)) else paths, groups):
-        probe = CorpusStats()  # split=None: a path whose documents are all on the other side is still usable
-        if next(_documents(files, stats=probe, **{**read, "split": None}), None) is None:
-            raise no_text(files, given)
-
-    def generate(files: list[str]) -> Iterator[dict[str, str]]:
-        for doc in _documents([Path(f) for f in files], stats=stats, **read):
-            yield {"text": doc}
-
-    all_files = [str(f) for files in groups for f in files]
-    return datasets.IterableDataset.from_generator(generate, gen_kwargs={"files": all_files}), stats
-
-
-# ========================================================================================================
-# 2. Windows -> examples
+# 1. Windows -> examples
 # ========================================================================================================
 
 
@@ -362,47 +138,6 @@ def windows_to_examples(
         }
         for i, p, e, t in zip(inputs, lengths, expanded, tokens)
     ]
-
-
-def split_document(text: str, max_bytes: int | None) -> list[str]:
-    """Cut ``text`` into pieces of at most ``max_bytes`` UTF-8 bytes, at line breaks; ``"".join`` gives it back.
-
-    A document within the limit (or ``max_bytes`` 0/None) is one piece. Otherwise the pieces are balanced:
-    each cut goes to the line end (just after a ``"\\n"``) nearest to an equal share of the bytes left,
-    among the line ends within the limit; only where no line end is within the limit (a line longer than
-    ``max_bytes``) is the line cut, at the last UTF-8 character boundary within the limit. The work is per
-    piece (a numpy search over the line ends), not per byte or per line.
-    """
-    if not max_bytes or len(text) * 4 <= max_bytes:  # UTF-8 needs at most 4 bytes per character
-        return [text]
-    data = text.encode("utf-8", "surrogatepass")  # surrogatepass: lone surrogates (from JSON) round-trip
-    total = len(data)
-    if total <= max_bytes:
-        return [text]
-    raw = np.frombuffer(data, dtype=np.uint8)
-    line_ends = np.flatnonzero(raw == 0x0A) + 1  # byte offsets just after each "\n"
-    cuts, start = [0], 0
-    while total - start > max_bytes:
-        left = total - start
-        target = start + -(-left // -(-left // max_bytes))  # ceil(left / number of pieces still needed)
-        limit = start + max_bytes
-        i = int(np.searchsorted(line_ends, target, side="right"))  # line_ends[:i] <= target < line_ends[i:]
-        below = int(line_ends[i - 1]) if i > 0 and line_ends[i - 1] > start else None
-        above = int(line_ends[i]) if i < len(line_ends) and line_ends[i] <= limit else None
-        if below is not None and (above is None or target - below <= above - target):
-            cut = below
-        elif above is not None:
-            cut = above
-        else:  # no line end within the limit: cut the line at a character boundary
-            cut = limit
-            while raw[cut] & 0xC0 == 0x80:  # a continuation byte: at most 3 steps back
-                cut -= 1
-            while cut < total and (cut <= start or raw[cut] & 0xC0 == 0x80):  # max_bytes < a character: take it
-                cut += 1
-        cuts.append(cut)
-        start = cut
-    cuts.append(total)
-    return [data[a:b].decode("utf-8", "surrogatepass") for a, b in zip(cuts, cuts[1:])]
 
 
 @dataclass
@@ -794,7 +529,7 @@ class _WindowStream:
 
 
 # ========================================================================================================
-# 3. Collation
+# 2. Collation
 # ========================================================================================================
 
 
@@ -889,7 +624,7 @@ class ByteCollator:
 
 
 # ========================================================================================================
-# 4. BPE-style boundary merges (stage 2, spec §8 "bpe")
+# 3. BPE-style boundary merges (stage 2, spec §8 "bpe")
 # ========================================================================================================
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bytelift.corpus_reading import corpus_options
 from bytelift.evaluation import tasks as T
 from bytelift.evaluation.scoring import (
     LOOP_REPEATS,
@@ -53,7 +54,10 @@ class EvalConfig:
 
     data: list[str] = field(default_factory=list)  # held-out text: corpus paths (their held-out split)
     heldout_fraction: float = 0.01  # must match the training run's split
+    # how the corpus is read: as in training (TrainConfig's fields of the same names), so the split matches
     text_field: str = "text"
+    text_suffixes: list[str] = field(default_factory=lambda: [".txt"])
+    encoding_errors: str = "strict"
     heldout_docs: int = 16
     heldout_bytes: int = 1024  # each held-out document is cut to this many bytes
     # Also score the held-out bytes as decoding segments them (the head's flags; ~1 min for SmolLM2).
@@ -156,7 +160,7 @@ def evaluate(
 
 def _eval_heldout(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict) -> dict[str, Any]:
     data = cfg.data or default_heldout_data()
-    texts = T.heldout_texts(data, cfg.heldout_docs, cfg.heldout_bytes, cfg.heldout_fraction, cfg.text_field)
+    texts = T.heldout_texts(data, cfg.heldout_docs, cfg.heldout_bytes, **corpus_options(cfg))
     if not texts:
         raise ValueError(f"no held-out documents in {data} (held-out fraction {cfg.heldout_fraction})")
     segmented = [s for s in (source_segmentation(tok, t) for t in texts) if s is not None]

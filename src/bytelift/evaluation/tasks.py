@@ -114,13 +114,12 @@ def cute_items(n_per_task: int, shots: int = DEFAULT_SHOTS, seed: int = 0,
     return items
 
 
-def heldout_texts(paths, n: int, max_bytes: int, heldout_fraction: float, text_field: str = "text") -> list[str]:
+def heldout_texts(paths, n: int, max_bytes: int, heldout_fraction: float, **options) -> list[str]:
     """Up to n held-out documents of a corpus (the training split's complement), each cut to max_bytes at
-    a character boundary."""
-    from bytelift.data import load_corpus
+    a character boundary. ``options``: how the corpus is read, as in training (``corpus_reading.read_corpus``)."""
+    from bytelift.corpus_reading import read_corpus
 
-    corpus, _ = load_corpus(paths, split="heldout", heldout_fraction=heldout_fraction, text_field=text_field)
-    texts = [t for t in corpus["text"] if t.strip()]
+    texts = [t for t in read_corpus(paths, heldout_fraction=heldout_fraction, **options).heldout if t.strip()]
     out = []
     for i in _spread(len(texts), n):
         data = texts[i].encode("utf-8", "surrogateescape")[:max_bytes]
