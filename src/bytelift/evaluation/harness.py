@@ -99,6 +99,7 @@ class ByteliftLM(LM):
         max_length: bytes a scored or generated sequence may hold (contexts are cut from the left).
         max_gen_toks: new bytes when a request gives no `max_gen_toks`.
         seed: seeds sampling (each row its own generator; see `generate`); None: torch's global RNG.
+        max_batch_size: accepted because the harness passes it to every model; unused.
     """
 
     def __init__(self, pretrained: str | os.PathLike | ByteliftForCausalLM, batch_size: int | str | None = None,
@@ -107,6 +108,13 @@ class ByteliftLM(LM):
                  batch_positions: int = DEFAULT_BATCH_POSITIONS, max_gen_toks: int = DEFAULT_MAX_GEN_BYTES,
                  seed: int | None = None):
         super().__init__()
+        if batch_size in (None, "auto"):
+            batch_size = DEFAULT_DECODING_BATCH
+        self.batch_size = int(batch_size)
+        self.max_length, self.max_gen_toks, self.seed = int(max_length), int(max_gen_toks), seed
+        if self.batch_size < 1 or self.max_length < 2 or self.max_gen_toks < 1:
+            raise ValueError(f"batch_size and max_gen_toks must be positive and max_length at least 2, got "
+                             f"{self.batch_size}, {self.max_gen_toks}, {self.max_length}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(pretrained, ByteliftForCausalLM):
             model = pretrained
@@ -118,13 +126,6 @@ class ByteliftLM(LM):
         self.model = model.to(device).eval()
         if decode_boundary_bias is not None:
             self.model.config.decode_boundary_bias = float(decode_boundary_bias)
-        if batch_size in (None, "auto"):
-            batch_size = DEFAULT_DECODING_BATCH
-        self.batch_size = int(batch_size)
-        self.max_length, self.max_gen_toks, self.seed = int(max_length), int(max_gen_toks), seed
-        if self.batch_size < 1 or self.max_length < 2 or self.max_gen_toks < 1:
-            raise ValueError(f"batch_size and max_gen_toks must be positive and max_length at least 2, got "
-                             f"{self.batch_size}, {self.max_gen_toks}, {self.max_length}")
         self.scorer = ByteScorer(self.model, batch_positions=int(batch_positions), max_bytes=self.max_length)
         self._device = torch.device(device)
 
@@ -192,6 +193,8 @@ class ByteliftLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         args = [req.args[:2] for req in requests]
+        for _, gen_kwargs in args:  # refuse bad arguments before any row is generated
+            self._generation_kwargs(gen_kwargs)
         collator = Collator(args, sort_fn=lambda a: (-len(_utf8(a[0])), a[0]), group_by="gen_kwargs",
                             group_fn=lambda a: a[1])
         texts = []

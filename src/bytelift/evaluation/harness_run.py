@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=float, help="first N docs of each task (below 1: that fraction)")
     p.add_argument("--include-path", dest="include_path", help="folder of extra task YAMLs (e.g. --export-tasks')")
     p.add_argument("--output", help="folder for lm_eval.md / lm_eval.json (default MODEL/lm-eval)")
-    p.add_argument("--num-fewshot", dest="num_fewshot", type=int, help="few-shot examples (tasks that allow it)")
+    p.add_argument("--num-fewshot", dest="num_fewshot", type=int,
+                   help="few-shot examples (the exported tasks hold theirs in their contexts and ignore it)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16,
                    help="rows per batch: byte model generation, source scoring and generation (default 16)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
