@@ -271,6 +271,18 @@ def _cmd_lm_eval(args) -> int:
     return command(args)
 
 
+def _cmd_transfer(args) -> int:
+    from bytelift.transfer import run_transfer
+
+    return run_transfer(args)
+
+
+def _cmd_chat(args) -> int:
+    from bytelift.chat import run_chat
+
+    return run_chat(args)
+
+
 # Evaluation item counts exposed as --flags (EvalConfig fields; loop_bytes counts new bytes per sample).
 EVAL_COUNTS = ("heldout_docs", "lambada", "hellaswag", "cute_per_task", "basic_skills", "loop_bytes")
 
@@ -283,6 +295,16 @@ def _add_eval_counts(p) -> None:
         what = "new bytes per greedy sample of the looping check" if key == "loop_bytes" else "items"
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int,
                        help=f"{what} (default {getattr(defaults, key)}; 0 skips the section)")
+
+
+def _add_sampling_options(p) -> None:
+    """The decoding options `generate` and `chat` share."""
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,12 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read prompts from this file, one per line, blank lines skipped ('-' = stdin; repeatable)")
     p.add_argument("--max-new-bytes", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    _add_sampling_options(p)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
@@ -418,6 +435,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-color", action="store_true", help="plain text with | between segments")
     p.add_argument("--width", type=int, default=100)
     p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser(
+        "transfer", help="add a fine-tune's weight delta (POST - BASE) to a byte model: post-training for free",
+        description="Task arithmetic on the global model (the source transformer): no byte-level training.",
+    )
+    p.add_argument("model", help="a bytelift model folder")
+    p.add_argument("--base", required=True, help="the checkpoint POST was tuned from (packaged name, HF folder, .gguf)")
+    p.add_argument("--post", required=True, help="the post-trained checkpoint (packaged name, HF folder, .gguf)")
+    p.add_argument("--output", required=True, help="new model folder (must not exist)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the delta (default 1.0)")
+    p.add_argument("--subword-embedding-delta", dest="subword_embedding_delta",
+                   action=argparse.BooleanOptionalAction, help="also add the input embedding's delta to the "
+                   "encoder's subword table (default: off, measured)")
+    p.add_argument("--prior-head-delta", dest="prior_head_delta", action=argparse.BooleanOptionalAction,
+                   help="also add the LM head's delta to the source prior's head (default: on, measured)")
+    p.set_defaults(func=_cmd_transfer)
+
+    p = sub.add_parser("chat", help="chat with a byte model in the terminal (its source's chat template)",
+                       description="Ctrl-C stops the current answer, Ctrl-D quits.")
+    p.add_argument("model", help="a bytelift model folder whose source tokenizer has a chat template")
+    p.add_argument("--system", help="system message (default: the template's own, if it has one)")
+    p.add_argument("--max-new-bytes", type=int, default=None, help="new bytes per answer")
+    _add_sampling_options(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd_chat)
     return parser
 
 

@@ -51,6 +51,8 @@ class ByteliftConfig(PreTrainedConfig):
         token_exact_init: `from_source` initialises the encoder so that the pooled patch reproduces the
             source embedding of the longest-suffix token at its last byte (recorded for the record).
         source_name_or_path: where the source came from (informational).
+        transfers: the post-training deltas added to the global model (`bytelift.transfer`), oldest first: each
+            {"base", "post", "scale", "subword_embedding_delta", "prior_head_delta", "chat_template"}.
     """
 
     model_type = "bytelift"
@@ -82,6 +84,7 @@ class ByteliftConfig(PreTrainedConfig):
     boundary_trie_closure: bool = False
     token_exact_init: bool = False
     source_name_or_path: str | None = None
+    transfers: list | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
