@@ -195,8 +195,12 @@ def test_torchrun_two_processes_stay_in_sync(mode, tiny_run, tmp_path):
     import subprocess
     import sys
 
+    import socket
+
     out = tmp_path / mode
-    port = {"ddp": "29533", "fsdp": "29534", "ddp_timed": "29535"}[mode]
+    with socket.socket() as sock:  # a free port: fixed ones collide with other runs on the same machine
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     # Sized by time: every rank must stop at the same step and follow the same LR (synchronised clocks).
     size = ["--set", "max_steps=null", "--set", "max_minutes=0.15"] if mode == "ddp_timed" else ["--max-steps", "3"]
     cmd = [
