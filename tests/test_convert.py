@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
 import pytest
 from transformers import AutoModelForCausalLM
 
+from bytelift.checks import UsageError
 from bytelift.cli import main
 from bytelift.convert import STATE_FILE, ConvertConfig, convert
 from bytelift.evaluation.runner import EvalConfig
@@ -33,8 +35,11 @@ def tiny_job(tmp_path_factory, bytelevel_tokenizer):
         stage1_steps=6, stage2_steps=5, window_tokens=32, heldout_fraction=0.1, eval=TINY_EVAL,
         model={"local_heads": 4}, samples=("Hello", "The"), sample_bytes=8, snapshot_minutes=(1e-4,),
     )
+    # A conversion interrupted before it started anything: --resume starts it afresh.
+    (root / "out").mkdir()
+    (root / "out" / STATE_FILE).write_text(json.dumps({"done": {}, "minutes": {}}))
     lines: list[str] = []
-    result = convert(cfg, log=lines.append)
+    result = convert(dataclasses.replace(cfg, resume=True), log=lines.append)
     return root, cfg, result, lines
 
 
@@ -53,6 +58,13 @@ def test_convert_end_to_end(tiny_job):
     assert (out / "report" / "training_curves.png").is_file()  # stage1/ and stage2/ logs were found
     assert "**'Hello'**" in (out / "samples.md").read_text()
     assert any("| HellaSwag acc_norm |" in line for line in lines)
+    # Before training: the corpus per source, its split, the text it holds for the run; the split recorded.
+    first_stage = next(i for i, line in enumerate(lines) if line.startswith("stage 1"))
+    report = "\n".join(lines[:first_stage])
+    assert "corpus: 1 source, 1 file, 80 documents" in report and "held out by blocks" in report
+    assert "stage 1: 6 steps read 24 windows" in report
+    recorded = json.loads((out / "corpus.json").read_text())["sources"][0]
+    assert recorded["split"] == "blocks" and recorded["heldout_documents"] >= 1 and recorded["heldout_digest"]
     # Stage 2 started from stage 1's weights, not from a fresh conversion.
     s2 = json.loads((out / "stage2" / "bytelift_train_config.json").read_text())
     assert s2["init_from"] == str(out / "stage1") and s2["stage"] == 2
@@ -65,7 +77,7 @@ def test_convert_end_to_end(tiny_job):
 
 def test_convert_refuses_to_overwrite_and_resumes(tiny_job):
     root, cfg, result, _ = tiny_job
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UsageError, match="holds an earlier conversion: continue it with --resume"):
         convert(cfg, log=lambda s: None)
     before = (root / "out" / "model.safetensors").stat().st_mtime_ns
     lines: list[str] = []
@@ -120,13 +132,35 @@ def test_convert_stage2_from_a_given_stage1_with_merged_patches(tiny_job, tmp_pa
 
 def test_convert_stage1_from_checks(tiny_job, tmp_path):
     root, cfg, _, _ = tiny_job
-    with pytest.raises(FileNotFoundError, match="not a model folder"):
+    with pytest.raises(UsageError, match="not a model folder"):
         convert(ConvertConfig(**{**cfg.__dict__, "output": str(tmp_path / "a"), "model": {},
                                  "stage1_from": str(tmp_path)}), log=lambda s: None)
     assert not (tmp_path / "a").exists()  # refused before anything was written
-    with pytest.raises(ValueError, match="stage-1 model"):  # overrides would be silently ignored
+    with pytest.raises(UsageError, match="stage-1 model"):  # overrides would be silently ignored
         convert(ConvertConfig(**{**cfg.__dict__, "output": str(tmp_path / "b"),
                                  "stage1_from": str(root / "out" / "stage1")}), log=lambda s: None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_convert_failing_before_anything_resumable_leaves_nothing(tiny_job, tmp_path, monkeypatch):
+    """A conversion that fails after its checks but before a training stage finished or saved a checkpoint
+    removes the folder it created; one that found the folder already there leaves it."""
+    import bytelift.training
+
+    root, cfg, _, _ = tiny_job
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bytelift.training, "train", failing)
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        convert(dataclasses.replace(cfg, output=str(out)), log=lambda s: None)
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        convert(dataclasses.replace(cfg, output=str(out)), log=lambda s: None)
+    assert (out / STATE_FILE).is_file()  # not created by this call: kept (and resumable as a fresh start)
 
 
 def test_cli_convert_passes_the_stage2_options(monkeypatch, tmp_path):

@@ -73,6 +73,9 @@ def test_stage1_lowers_every_loss_and_learns_boundaries(tiny_run):
     saved = json.loads((tiny_run / "s1" / "config.json").read_text())
     assert saved["boundary_threshold"] == pytest.approx(metrics["boundary_threshold"])
     assert metrics["corpus_documents"] > 0 and metrics["corpus_other_split"] > 0  # a held-out side exists
+    # 40 small files at 15 %: too few for a per-document split; split by blocks, and recorded
+    recorded = json.loads((tiny_run / "s1" / "corpus.json").read_text())["sources"]
+    assert recorded[0]["split"] == "blocks" and recorded[0]["heldout_documents"] == metrics["corpus_other_split"]
 
     # Checkpoints are complete, rotated, and the output folder is a loadable byte model.
     ckpt = latest_complete_checkpoint(tiny_run / "s1")
@@ -145,7 +148,7 @@ def test_bad_configs(tmp_path):
         build_objective(TrainConfig(stage=2, data=["x"]))
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("stage: 2\nlr: 0.001\nwhat: 1\n")
-    with pytest.raises(ValueError, match="unknown training options"):
+    with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.from_file(cfg_file)
     cfg_file.write_text("stage: 2\nlr: 0.001\n")
     cfg = TrainConfig.from_file(cfg_file, max_steps=7)

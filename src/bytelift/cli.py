@@ -6,12 +6,32 @@ import argparse
 import os
 import sys
 
+from bytelift.checks import (
+    CommandParser,
+    UsageError,
+    finite_float,
+    float_at_least,
+    fraction,
+    int_at_least,
+    model_folder,
+    nonnegative_float,
+    nonnegative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+    probability,
+    readable_file,
+    run_command,
+    usage_errors,
+    writable_file,
+)
+
 
 def _cmd_tokenize(args) -> int:
-    from bytelift.sources import load_source_tokenizer
+    from bytelift.sources import check_source
     from bytelift.tokenization import BYTE_OFFSET, ByteTokenizer
 
-    tok = ByteTokenizer.from_source(load_source_tokenizer(args.source))
+    tok = ByteTokenizer.from_source(check_source(args.source, model=False))
     text = args.text if args.text is not None else sys.stdin.read()
     enc = tok(text)
     src = tok.source_tokenizer
@@ -29,7 +49,9 @@ def _cmd_tokenize(args) -> int:
 
 def _cmd_info(args) -> int:
     from bytelift.modeling import ByteliftForCausalLM, count_parameters, format_parameter_counts
+    from bytelift.sources import check_source
 
+    check_source(args.source)
     model = ByteliftForCausalLM.from_source(args.source)
     src = model.config.source_config
     print(f"source: {args.source} ({src.model_type}, d={src.hidden_size}, layers={src.num_hidden_layers})")
@@ -53,7 +75,7 @@ def _prompt_lines(path: str) -> list[str]:
     if path == "-":
         text = _stdin_text()
     else:
-        with open(path, "rb") as f:
+        with open(readable_file(path, "prompt file"), "rb") as f:
             text = f.read().decode("utf-8", "surrogateescape")
     lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
     return [line for line in lines if line]
@@ -62,22 +84,30 @@ def _prompt_lines(path: str) -> list[str]:
 def _cmd_generate(args) -> int:
     import torch
 
-    from bytelift.streaming import ByteTextStreamer
+    from bytelift.checks import fit_prompts
     from bytelift.modeling import ByteliftForCausalLM
+    from bytelift.sources import check_source
+    from bytelift.streaming import ByteTextStreamer
 
     positional = list(args.args)
     if args.source is None:
         if not positional:
-            print("bytelift generate: give a MODEL folder (or --source NAME)", file=sys.stderr)
-            return 2
-        model_path = positional.pop(0)
+            raise UsageError("give a MODEL folder (or --source NAME)")
+        model_path = model_folder(positional.pop(0))
+    else:
+        check_source(args.source)
+    for path in args.file or []:
+        if path != "-":
+            readable_file(path, "prompt file")
+    if any(not stop for stop in args.stop or []):
+        raise UsageError("--stop needs a non-empty string")
+    if args.source is None:
         model = ByteliftForCausalLM.from_pretrained(model_path)
     else:
         model = ByteliftForCausalLM.from_source(args.source)
     model.eval()
     if model.tokenizer is None:
-        print("bytelift generate: the model folder has no byte tokenizer", file=sys.stderr)
-        return 2
+        raise UsageError("the model folder has no byte tokenizer")
     prompts = []
     for item in positional:
         prompts.append(_stdin_text() if item == "-" else item)
@@ -85,6 +115,7 @@ def _cmd_generate(args) -> int:
         prompts.extend(_prompt_lines(path))
     if not prompts:
         prompts.append(_stdin_text())
+    prompts = fit_prompts(model, prompts, args.max_new_bytes, truncate=args.truncate)
     kwargs = dict(
         max_new_bytes=args.max_new_bytes, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=args.stop or None,
@@ -99,7 +130,7 @@ def _cmd_generate(args) -> int:
             model.generate([prompt], streamer=ByteTextStreamer(), **kwargs)
             print()
         return 0
-    size = max(1, args.batch_size)
+    size = args.batch_size
     for start in range(0, len(prompts), size):
         out = model.generate(prompts[start : start + size], return_dict=True, **kwargs)
         for i, text in enumerate(out.texts, start=start):
@@ -124,9 +155,10 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
     values = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"{flag} expects key=value, got {item!r}")
-        values[key.replace("-", "_")] = yaml.safe_load(value)
+        if not sep or not key:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
+        with usage_errors(yaml.YAMLError):
+            values[key.replace("-", "_")] = yaml.safe_load(value)
     return values
 
 
@@ -136,13 +168,16 @@ def _cmd_train(args) -> int:
     from bytelift.training import TrainConfig, train
 
     overrides = _key_values(args.set, "--set")
-    for key in ("stage", "source", "init_from", "data", "output", "max_steps", "batch_size", "window_tokens", "lr"):
+    for key in ("stage", "source", "init_from", "data", "output", "max_steps", "batch_size", "window_tokens", "lr",
+                *CORPUS_FIELDS, "data_weights", "heldout_fraction"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
     if args.resume:
         overrides["resume"] = True
-    cfg = TrainConfig.from_file(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    with usage_errors(yaml.YAMLError):
+        cfg = (TrainConfig.from_file(readable_file(args.config, "config file"), **overrides) if args.config
+               else TrainConfig.from_values(overrides))
     metrics = train(cfg)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -151,64 +186,100 @@ def _cmd_train(args) -> int:
 def _eval_config(args):
     from bytelift.evaluation.runner import EvalConfig
 
-    values = {k: getattr(args, k) for k in EVAL_COUNTS if getattr(args, k, None) is not None}
+    values = {k: getattr(args, k) for k in (*EVAL_COUNTS, *CORPUS_FIELDS, "heldout_fraction")
+              if getattr(args, k, None) is not None}
     return EvalConfig(**values)
+
+
+def _check_heldout(data: list[str], cfg, what: str) -> None:
+    """Read the corpus of an evaluation up front (before any model loads): it must hold held-out text."""
+    from bytelift.corpus_reading import corpus_options, read_corpus
+
+    if not read_corpus(data, **corpus_options(cfg)).heldout:
+        raise UsageError(f"no held-out documents in {data} (held-out fraction {cfg.heldout_fraction}) to {what}")
+
+
+def _recorded_source(model: str, given: str | None) -> str:
+    """The source model to load beside a byte model: the given one, or the one its config records."""
+    import json
+
+    from pathlib import Path
+
+    name = given or json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get("source_name_or_path")
+    if not name:
+        raise UsageError(f"{model} does not record its source model: pass --source")
+    return name
 
 
 def _cmd_eval(args) -> int:
     import dataclasses
 
     from bytelift.evaluation.report import markdown, write_report
-    from bytelift.evaluation.runner import evaluate, load_pair, training_logs, torch_threads
+    from bytelift.evaluation.runner import evaluate, load_pair, torch_threads, training_logs
+    from bytelift.sources import check_source
 
-    torch_threads(args.threads)
-    try:
-        model, source, name = load_pair(args.model, args.source, args.device)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"bytelift eval: {err}", file=sys.stderr)
-        return 2
+    model_folder(args.model)
+    report = args.report or f"{args.model.rstrip('/')}/report"
+    output_folder(report, "report folder")
     cfg = _eval_config(args)
     if args.data:
         cfg = dataclasses.replace(cfg, data=list(args.data))
-    if args.heldout_fraction is not None:
-        cfg = dataclasses.replace(cfg, heldout_fraction=args.heldout_fraction)
+        if cfg.heldout_docs > 0:
+            _check_heldout(cfg.data, cfg, "score")
+    device = _device(args.device)
+    name = _recorded_source(args.model, args.source)
+    check_source(name)
+    torch_threads(args.threads)
+    model, source, name = load_pair(args.model, name, device)
     results = evaluate(model, source, cfg)
     results["meta"] = {"model": args.model, "source": name}
-    report = args.report or f"{args.model.rstrip('/')}/report"
     written = write_report(results, report, training_logs(args.model))
     print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
+def _device(name: str | None) -> str | None:
+    """A torch device the machine has (UsageError otherwise)."""
+    if name is None:
+        return None
+    import torch
+
+    with usage_errors(RuntimeError):
+        device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {name}: MPS is not available on this machine")
+    return name
+
+
 def _cmd_calibrate(args) -> int:
     import json
     from pathlib import Path
 
+    from bytelift.calibration import calibrate_boundary_bias
+    from bytelift.corpus_reading import corpus_options
     from bytelift.evaluation import tasks as T
     from bytelift.evaluation.runner import default_heldout_data, torch_threads
-    from bytelift.calibration import calibrate_boundary_bias
-    from bytelift.modeling import ByteliftForCausalLM, check_model_folder
+    from bytelift.modeling import ByteliftForCausalLM
     from bytelift.training import write_json_atomically
 
-    torch_threads(args.threads)
-    try:
-        check_model_folder(args.model)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"bytelift calibrate: {err}", file=sys.stderr)
-        return 2
+    model_folder(args.model)
     config_file = Path(args.model) / "config.json"
+    writable_file(config_file, "model config")
     config = json.loads(config_file.read_text())
     if args.bias is not None:
         bias = args.bias
         print(f"decode_boundary_bias {config.get('decode_boundary_bias', 0.0):+.4f} -> {bias:+.4f} (given)")
     else:
-        model = ByteliftForCausalLM.from_pretrained(args.model).eval()
+        options = corpus_options(_eval_config(args))
         data = args.data or default_heldout_data()
-        texts = T.heldout_texts(data, args.docs, args.doc_bytes, args.heldout_fraction)
+        texts = T.heldout_texts(data, args.docs, args.doc_bytes, **options)  # read before the model loads
         if not texts:
-            print(f"bytelift calibrate: no held-out documents in {data}", file=sys.stderr)
-            return 2
+            raise UsageError(f"no held-out documents in {data} (held-out fraction {args.heldout_fraction})")
+        torch_threads(args.threads)
+        model = ByteliftForCausalLM.from_pretrained(args.model).eval()
         size = 8
         batches = (model.tokenizer(texts[i : i + size], padding=True, return_tensors="pt")
                    for i in range(0, len(texts), size))
@@ -229,39 +300,35 @@ def _cmd_calibrate(args) -> int:
 def _cmd_show(args) -> int:
     from bytelift.evaluation.show import show
 
+    model_folder(args.model)
+    if args.html:
+        writable_file(args.html, "HTML file")
     text = args.text if args.text is not None else sys.stdin.read()
-    try:
+    if not text:
+        raise UsageError("the text is empty: there are no bytes to split into patches")
+    with usage_errors():  # the text's own problems (too long for the context, too narrow a width)
         show(args.model, text, html_path=args.html, color=None if not args.no_color else False, width=args.width)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"bytelift show: {err}", file=sys.stderr)
-        return 2
     if args.html:
         print(f"wrote {args.html}")
     return 0
 
 
 def _cmd_convert(args) -> int:
-    import dataclasses
-
     from bytelift.convert import ConvertConfig, convert
     from bytelift.evaluation.runner import torch_threads
 
-    torch_threads(args.threads)
     values = {k: getattr(args, k) for k in ("source", "output", "budget_minutes", "eval_minutes", "seed",
                                            "window_tokens", "batch_size", "stage1_steps", "stage2_steps",
-                                           "target_bytes_per_patch", "stage1_from", "snapshot_minutes")
+                                           "target_bytes_per_patch", "stage1_from", "heldout_fraction",
+                                           "data_weights", "snapshot_minutes", *CORPUS_FIELDS)
               if getattr(args, k) is not None}
-    cfg = ConvertConfig(**values, data=list(args.data or []), resume=args.resume,
-                        model=_key_values(args.model_set, "--model-set"))
     if args.output is None and args.source is not None:
-        name = os.path.basename(os.path.normpath(args.source)).removesuffix(".gguf")
-        cfg = dataclasses.replace(cfg, output=f"runs/{name}-bytes")
-    cfg = dataclasses.replace(cfg, eval=_eval_config(args))
-    try:
-        convert(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"bytelift convert: {err}", file=sys.stderr)
-        return 2
+        values["output"] = f"runs/{os.path.basename(os.path.normpath(args.source)).removesuffix('.gguf')}-bytes"
+    with usage_errors():
+        cfg = ConvertConfig(**values, data=list(args.data or []), resume=args.resume, eval=_eval_config(args),
+                            model=_key_values(args.model_set, "--model-set"))
+    torch_threads(args.threads)
+    convert(cfg)
     return 0
 
 
@@ -283,6 +350,10 @@ def _cmd_chat(args) -> int:
     return run_chat(args)
 
 
+DATA_HELP = ("corpus files or folders: text (.txt; --text-suffixes for more), .jsonl/.json, .parquet, datasets "
+             "save_to_disk folders, .gz/.zst compressed")
+
+
 # Evaluation item counts exposed as --flags (EvalConfig fields; loop_bytes counts new bytes per sample).
 EVAL_COUNTS = ("heldout_docs", "lambada", "hellaswag", "cute_per_task", "basic_skills", "loop_bytes")
 
@@ -293,22 +364,46 @@ def _add_eval_counts(p) -> None:
     defaults = EvalConfig()
     for key in EVAL_COUNTS:
         what = "new bytes per greedy sample of the looping check" if key == "loop_bytes" else "items"
-        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int,
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=nonnegative_int,
                        help=f"{what} (default {getattr(defaults, key)}; 0 skips the section)")
 
 
 def _add_sampling_options(p) -> None:
     """The decoding options `generate` and `chat` share."""
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=positive_float, default=None)
+    p.add_argument("--top-k", type=nonnegative_int, default=None, help="0: no top-k cut")
+    p.add_argument("--top-p", type=probability, default=None)
+    p.add_argument("--repetition-penalty", type=positive_float, default=None)
+    p.add_argument("--seed", type=nonnegative_int, default=None)
+
+
+# How a corpus is read (TrainConfig / ConvertConfig / EvalConfig fields of these names): --text-field,
+# --text-suffixes, --errors.
+CORPUS_FIELDS = ("text_field", "text_suffixes", "encoding_errors")
+
+
+def _add_corpus_options(p, weights: bool = True, heldout: str | None = "as in training (0.01)") -> None:
+    """The options of every command that reads a corpus (--data), so that all read it the same way."""
+    from bytelift.corpus_reading import ENCODING_ERRORS
+
+    p.add_argument("--text-field", dest="text_field",
+                   help="field of JSON/Parquet records holding the text (default text); a dotted path for nested "
+                        "records: meta.body")
+    p.add_argument("--text-suffixes", dest="text_suffixes", nargs="+", metavar="SUFFIX",
+                   help="file suffixes read as plain text (default .txt), e.g. .txt .md .rst .py")
+    p.add_argument("--errors", dest="encoding_errors", choices=ENCODING_ERRORS,
+                   help="invalid UTF-8: strict refuses it, naming the file and byte offset (default); replace reads "
+                        "it as U+FFFD; skip leaves the file out")
+    if weights:
+        p.add_argument("--weights", dest="data_weights", nargs="+", type=positive_float, metavar="W",
+                       help="one mixing weight per --data path: its share of the training bytes")
+    if heldout:
+        p.add_argument("--heldout-fraction", dest="heldout_fraction", type=fraction, help=heldout)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="bytelift",
         description="Turn a pretrained subword causal LM into a byte-level LM (the Bolmo method).",
     )
@@ -333,13 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="byteify this source on the fly instead (untrained: smoke tests only)")
     p.add_argument("--file", action="append",
                    help="read prompts from this file, one per line, blank lines skipped ('-' = stdin; repeatable)")
-    p.add_argument("--max-new-bytes", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--max-new-bytes", type=nonnegative_int, default=128)
+    p.add_argument("--truncate", action="store_true",
+                   help="cut a prompt longer than the global model's context from the left (default: refuse it)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together")
     _add_sampling_options(p)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
@@ -350,13 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, choices=(1, 2), help="1: distil the source (default), 2: end to end")
     p.add_argument("--source", help="stage 1: source to byteify (packaged name, HF folder or .gguf)")
     p.add_argument("--init-from", dest="init_from", help="stage 2: the stage-1 model folder")
-    p.add_argument("--data", nargs="+", help="txt/jsonl/parquet files or folders")
+    p.add_argument("--data", nargs="+", help=DATA_HELP)
+    _add_corpus_options(p)
     p.add_argument("--output", help="output folder (checkpoints, log.jsonl, final model)")
     p.add_argument("--config", help="YAML or JSON file of TrainConfig fields; flags override it")
-    p.add_argument("--max-steps", dest="max_steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--window-tokens", dest="window_tokens", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--max-steps", dest="max_steps", type=positive_int)
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int)
+    p.add_argument("--window-tokens", dest="window_tokens", type=int_at_least(2))
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other TrainConfig field")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.set_defaults(func=_cmd_train)
@@ -366,28 +464,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="The main job. Defaults: the packaged SmolLM2-135M on the built-in corpus, 30 minutes.",
     )
     p.add_argument("--source", help="packaged name (default smollm2-135m), HF folder or .gguf file")
-    p.add_argument("--data", nargs="+", help="txt/jsonl/parquet files or folders (default: the built-in corpus)")
+    p.add_argument("--data", nargs="+", help=DATA_HELP + " (default: the built-in corpus)")
+    _add_corpus_options(p)
     p.add_argument("--output", help="output folder (default runs/<source>-bytes)")
-    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, help="whole job (default 30)")
-    p.add_argument("--eval-minutes", dest="eval_minutes", type=float,
+    p.add_argument("--budget-minutes", dest="budget_minutes", type=positive_float, help="whole job (default 30)")
+    p.add_argument("--eval-minutes", dest="eval_minutes", type=nonnegative_float,
                    help="reserve for evaluation and samples, within the budget (default 9.5)")
     p.add_argument("--snapshot-minutes", dest="snapshot_minutes", type=_minutes_list, metavar="M1,M2,...",
                    help="keep the model after these training minutes in <output>/stage<k>/snapshots/ "
                         "(a learning curve from one run: benchmarks/learning_curve.py)")
     p.add_argument("--model-set", dest="model_set", action="append", metavar="KEY=VALUE",
                    help="a ByteliftConfig field of the new model, e.g. source_prior=false (repeatable)")
-    p.add_argument("--stage1-steps", dest="stage1_steps", type=int, help="fixed steps instead of time")
-    p.add_argument("--stage2-steps", dest="stage2_steps", type=int, help="fixed steps instead of time")
+    p.add_argument("--stage1-steps", dest="stage1_steps", type=positive_int, help="fixed steps instead of time")
+    p.add_argument("--stage2-steps", dest="stage2_steps", type=positive_int, help="fixed steps instead of time")
     p.add_argument("--stage1-from", dest="stage1_from",
                    help="start stage 2 from this finished stage-1 model folder (stage 1 is skipped)")
-    p.add_argument("--bytes-per-patch", dest="target_bytes_per_patch", type=float,
+    p.add_argument("--bytes-per-patch", dest="target_bytes_per_patch", type=float_at_least(1),
                    help="stage 2 merges patches up to this many bytes each (default: the source's tokens); "
                         "longer patches generate faster")
-    p.add_argument("--window-tokens", dest="window_tokens", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion in --output")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--window-tokens", dest="window_tokens", type=int_at_least(2))
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int)
+    p.add_argument("--seed", type=nonnegative_int)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted conversion in --output (a new or empty one: start it)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     _add_eval_counts(p)
     p.set_defaults(func=_cmd_convert)
 
@@ -396,9 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="the source model (default: the one recorded in the model's config)")
     p.add_argument("--report", help="report folder (default MODEL/report)")
     p.add_argument("--data", nargs="+", help="corpus whose held-out split is scored (default: built-in corpus)")
-    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=float, help="as in training (0.01)")
+    _add_corpus_options(p, weights=False)
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     _add_eval_counts(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -418,14 +518,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="a bytelift model folder (its config.json is updated)")
     p.add_argument("--data", nargs="+", help="corpus whose held-out split is read (default: built-in corpus)")
-    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=float, default=0.01,
+    _add_corpus_options(p, weights=False, heldout=None)
+    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=fraction, default=0.01,
                    help="as in training (0.01)")
-    p.add_argument("--docs", type=int, default=32, help="held-out documents read (default 32)")
-    p.add_argument("--doc-bytes", dest="doc_bytes", type=int, default=512,
+    p.add_argument("--docs", type=positive_int, default=32, help="held-out documents read (default 32)")
+    p.add_argument("--doc-bytes", dest="doc_bytes", type=positive_int, default=512,
                    help="bytes per document (512; 8 KB in all are decoded, 16 rows at a time)")
-    p.add_argument("--bias", type=float, help="set this decode_boundary_bias instead (0: the reference's 1/2)")
+    p.add_argument("--bias", type=finite_float,
+                   help="set this decode_boundary_bias instead (0: the reference's 1/2)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="report, do not write")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("show", help="show predicted patch boundaries against the source tokenizer's tokens")
@@ -433,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", help="text (default: stdin)")
     p.add_argument("--html", help="also write an HTML view to this file")
     p.add_argument("--no-color", action="store_true", help="plain text with | between segments")
-    p.add_argument("--width", type=int, default=100)
+    p.add_argument("--width", type=positive_int, default=100)
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser(
@@ -464,12 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse and run a command. Usage errors of every command (checks.UsageError, refused paths) are one
+    line on stderr and exit code 2 (`checks.run_command`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    return run_command(args.func, args, f"bytelift {args.command}")
 
 
 if __name__ == "__main__":

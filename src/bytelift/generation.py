@@ -75,6 +75,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
+from bytelift.checks import ContextError
 from bytelift.mlstm import FusedLinear, MLSTMState
 from bytelift.prior import NO_NODE, add_prior, prior_logprobs, token_cumsums
 from bytelift.streaming import MarkerFilter
@@ -338,7 +339,7 @@ class DecodingSession:
         counts = boundary.sum(dim=1)  # (B,) prompt patches (excluding the forced byte's)
         P = int(counts.max()) if L > 1 else 0
         if self.max_patches is not None and P > self.max_patches:
-            raise ValueError(
+            raise ContextError(
                 f"the prompt has {P} patches but the global model's context holds {self.max_patches}; "
                 "shorten the prompt"
             )

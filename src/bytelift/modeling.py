@@ -25,6 +25,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import ModelOutput
 
+from bytelift.checks import ContextError
 from bytelift.configuration import ByteliftConfig
 from bytelift.generation import ByteliftGenerationMixin
 from bytelift.mlstm import LocalStack, MLSTMLayer
@@ -428,7 +429,7 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         max_patches = self.config.max_patches
         total = attention_mask.shape[1]
         if max_patches is not None and total > max_patches:
-            raise ValueError(
+            raise ContextError(
                 f"{total} patches exceed the global model's context of {max_patches} positions; "
                 "shorten the input"
             )
@@ -685,13 +686,20 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
 def check_model_folder(path: str | os.PathLike) -> None:
     """Raise a clear error unless `path` holds a bytelift config and intact safetensors weights."""
     import json
-    import struct
 
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model folder {path}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a file, not a model folder")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config_file} is not valid JSON ({err}); the model folder is corrupt") from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != ByteliftConfig.model_type:
         raise ValueError(
             f"{path} holds a {model_type!r} model, not a bytelift model; byteify it first with "
@@ -701,22 +709,30 @@ def check_model_folder(path: str | os.PathLike) -> None:
     if not weights:
         raise FileNotFoundError(f"{path} has no .safetensors weights (bytelift never reads pickled weights)")
     for name in weights:
-        file = os.path.join(path, name)
-        size = os.path.getsize(file)
-        try:
-            with open(file, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > size:
-                    raise ValueError("header longer than the file")
-                header = json.loads(f.read(header_len))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (struct.error, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{file} is not a valid safetensors file ({err}); the checkpoint is corrupt") from err
-        if 8 + header_len + end != size:
-            raise ValueError(
-                f"{file} is truncated or corrupt: its header describes {8 + header_len + end} bytes but the file "
-                f"has {size}"
-            )
+        check_safetensors_file(os.path.join(path, name))
+
+
+def check_safetensors_file(file: str | os.PathLike) -> None:
+    """Raise ValueError unless `file` is a whole safetensors file (its header parses and describes exactly the
+    file's size): a cheap check of a checkpoint that reads no tensor."""
+    import json
+    import struct
+
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{file} is not a valid safetensors file ({err}); the checkpoint is corrupt") from err
+    if 8 + header_len + end != size:
+        raise ValueError(
+            f"{file} is truncated or corrupt: its header describes {8 + header_len + end} bytes but the file "
+            f"has {size}"
+        )
 
 
 COMPONENTS = {

@@ -152,3 +152,98 @@ def load_source_tokenizer(name_or_path: str | os.PathLike = DEFAULT_SOURCE) -> P
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return AutoTokenizer.from_pretrained(key)
+
+
+def _cached_hub_folder(repo_id: str) -> Path | None:
+    """The local snapshot of an HF hub model, when it is in the local HF cache (nothing is downloaded)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or not a valid repo id
+        return None
+
+
+def check_source(name_or_path: str | os.PathLike, model: bool = True) -> PreTrainedTokenizerBase:
+    """Check, without loading its weights, that a source can be byteified; return its tokenizer.
+
+    Resolves the name as `load_source` does (a packaged source is converted to its cached folder on first
+    use); with `model`, for a folder checks its config (a causal LM transformers knows, not already a
+    bytelift model) and that its safetensors weights are whole (their headers; `.bin` weights are only
+    found); loads the tokenizer and builds the byte tokenizer's view of its vocabulary (an unsupported
+    tokenizer fails here). Without `model` (a command that needs the tokenizer only), only the name and
+    the tokenizer are checked.
+
+    Raises:
+        UsageError: with one line saying what is wrong.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from bytelift.checks import UsageError, usage_errors
+    from bytelift.modeling import check_safetensors_file
+    from bytelift.tokenization import ByteTokenizer
+
+    key = str(name_or_path)
+    path = Path(key)
+    folder: Path | None = None
+    if key in PACKAGED_SOURCES:
+        with usage_errors(FileNotFoundError):
+            if model:
+                folder = packaged_source_path(key)
+            else:  # the tokenizer loads from the package's GGUF file: no conversion needed
+                _package_dir(PACKAGED_SOURCES[key])
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"no GGUF file {path}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UsageError(f"{path} is not a GGUF file")
+    elif path.exists():
+        if not path.is_dir():
+            raise UsageError(f"source {path} is a file, neither a model folder nor a .gguf file")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} is not a Hugging Face model folder (no config.json)")
+        folder = path
+    else:
+        folder = _cached_hub_folder(key)
+        if folder is None:
+            raise UsageError(
+                f"no source model {key}: not a packaged name ({', '.join(PACKAGED_SOURCES)}), a model folder, a "
+                ".gguf file, nor a model in the local Hugging Face cache"
+            )
+    if folder is not None and model:
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except Exception as err:
+            raise UsageError(f"cannot read the config of source {key}: {' '.join(str(err).split())}") from err
+        if config.model_type == "bytelift":
+            raise UsageError(f"{key} is a bytelift model already; give the source model it was made from")
+        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise UsageError(f"{key} holds a {config.model_type!r} model, which transformers cannot load as a causal LM")
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights and not list(folder.glob("*.bin")):
+            raise UsageError(f"source {key} has no weights (no .safetensors or .bin file in {folder})")
+        with usage_errors():
+            for file in weights:
+                check_safetensors_file(file)
+    try:
+        tokenizer = load_source_tokenizer(key)
+    except Exception as err:
+        raise UsageError(f"cannot load the tokenizer of source {key}: {' '.join(str(err).split())}") from err
+    with usage_errors():
+        ByteTokenizer.from_source(tokenizer)
+    return tokenizer
+
+
+def load_source_config(name_or_path: str | os.PathLike):
+    """Only a source's config (no weights), resolved as `load_source` resolves the name."""
+    from transformers import AutoConfig
+
+    key = str(name_or_path)
+    if key in PACKAGED_SOURCES:
+        return AutoConfig.from_pretrained(packaged_source_path(key))
+    path = Path(key)
+    if path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoConfig.from_pretrained(key)

@@ -55,7 +55,14 @@ class TrainConfig:
     source: str = "smollm2-135m"  # stage 1: the model to byteify (packaged name, HF folder, .gguf)
     init_from: str | None = None  # stage 2: a stage-1 model folder or checkpoint
     data: list[str] = field(default_factory=list)
+    # How the corpus is read (bytelift.corpus_reading): the field of JSON/Parquet records holding the text
+    # (a dotted path for nested records), the suffixes read as plain text, invalid UTF-8 ("strict" refuses
+    # it naming the file and byte offset, "replace" reads it as U+FFFD, "skip" leaves the file out), and one
+    # mixing weight per `data` path (each source's share of the training bytes; None: as read).
     text_field: str = "text"
+    text_suffixes: list[str] = field(default_factory=lambda: [".txt"])
+    encoding_errors: str = "strict"
+    data_weights: list[float] | None = None
     streaming: bool = False  # read the corpus lazily (large corpora) instead of into memory
     output: str = "runs/bytelift"
     window_tokens: int = 256  # reference 4096
@@ -124,8 +131,34 @@ class TrainConfig:
             self.adam_beta2 = 0.999 if self.stage == 1 else 0.95
         if isinstance(self.data, str):
             self.data = [self.data]
+        if isinstance(self.text_suffixes, str):
+            self.text_suffixes = [self.text_suffixes]
         if self.max_steps is None and not self.max_minutes:
             raise ValueError("give max_steps or max_minutes (a run sized by time needs its budget)")
+        self.validate()
+
+    def validate(self) -> None:
+        """UsageError (a ValueError) naming the first option out of its range."""
+        from bytelift.checks import UsageError, check_number
+        from bytelift.corpus_reading import ENCODING_ERRORS
+
+        for name, low, high, optional in (
+            ("window_tokens", 2, None, False), ("batch_size", 1, None, False), ("grad_accum", 1, None, False),
+            ("max_steps", 1, None, True), ("logging_steps", 1, None, False), ("save_steps", 1, None, False),
+            ("save_total_limit", 1, None, False), ("eval_steps", 1, None, False), ("eval_windows", 1, None, False),
+            ("seed", 0, None, False), ("target_bytes_per_patch", 1, None, True), ("warmup_ratio", 0, 1, False),
+            ("weight_decay", 0, None, False), ("byte_expansion_factor", 1, None, False),
+            ("document_piece_bytes", 0, None, True),
+        ):
+            check_number(name, getattr(self, name), low, high, optional=optional)
+        for name in ("lr", "global_lr", "max_grad_norm", "predictor_lr_scale", "max_minutes"):
+            check_number(name, getattr(self, name), 0, float("inf"), low_open=True, high_open=True,
+                         optional=name == "max_minutes")
+        check_number("heldout_fraction", self.heldout_fraction, 0, 1, high_open=True)
+        check_number("char_skill_rate", self.char_skill_rate, 0, 1, high_open=True)
+        check_number("adam_beta2", self.adam_beta2, 0, 1, low_open=True, high_open=True)
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise UsageError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {self.encoding_errors!r}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
@@ -137,10 +170,17 @@ class TrainConfig:
             values = yaml.safe_load(text) or {}
         else:
             values = json.loads(text)
+        return cls.from_values({**values, **overrides}, where=f"in {path}")
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], where: str = "") -> TrainConfig:
+        """A config from a dict of fields (a file, `--set` options); unknown names are refused by name."""
+        from bytelift.checks import UsageError
+
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown training options in {path}: {sorted(unknown)}")
-        return cls(**{**values, **overrides})
+            raise UsageError(f"unknown training option(s) {sorted(unknown)}{' ' + where if where else ''}")
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -592,14 +632,24 @@ class MergingCollator:
 
 
 def _datasets(cfg: TrainConfig, tokenizer: ByteTokenizer, rank: int, world_size: int):
-    from bytelift.char_skills import CharSkillGenerator
-    from bytelift.data import ByteWindowDataset, load_corpus
+    import datasets
 
-    read = dict(text_field=cfg.text_field, heldout_fraction=cfg.heldout_fraction, streaming=cfg.streaming)
-    train_corpus, stats = load_corpus(cfg.data, split="train", **read)
-    heldout = load_corpus(cfg.data, split="heldout", **read)[0] if cfg.heldout_fraction > 0 else None
-    if heldout is not None and not cfg.streaming and len(heldout) == 0:
-        heldout = None
+    from bytelift.char_skills import CharSkillGenerator
+    from bytelift.corpus_reading import corpus_options, load_corpus, read_corpus
+    from bytelift.data import ByteWindowDataset
+
+    options = corpus_options(cfg)
+    if cfg.streaming:
+        train_corpus, stats = load_corpus(cfg.data, split="train", streaming=True, **options)
+        heldout = load_corpus(cfg.data, split="heldout", streaming=True, **options)[0] if cfg.heldout_fraction > 0 else None
+    else:  # one reading, both sides
+        corpus = read_corpus(cfg.data, weights=cfg.data_weights, **options)
+        stats = corpus.stats
+        stats.documents, stats.other_split = len(corpus.train), len(corpus.heldout)  # as seen from training
+        train_corpus = datasets.Dataset.from_dict({"text": corpus.train})
+        if corpus.train_index is not None:  # mixing weights: sources repeated or subsampled
+            train_corpus = train_corpus.select(corpus.train_index)
+        heldout = datasets.Dataset.from_dict({"text": corpus.heldout}) if corpus.heldout else None
     chars = CharSkillGenerator() if cfg.char_skill_rate > 0 else None
     common = dict(window_tokens=cfg.window_tokens, byte_expansion_factor=cfg.byte_expansion_factor)
     # Under torchrun every rank reads its own shard of the documents (batches are not dispatched from
@@ -615,17 +665,39 @@ def _datasets(cfg: TrainConfig, tokenizer: ByteTokenizer, rank: int, world_size:
     return train, evals, stats
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, check: bool = True) -> dict[str, Any]:
     """Run one training stage; returns the final metrics. The output folder ends up holding the trained
-    byte model (loadable with `AutoModelForCausalLM.from_pretrained`), checkpoints and log.jsonl."""
+    byte model (loadable with `AutoModelForCausalLM.from_pretrained`), checkpoints and log.jsonl.
+
+    With `check` (the default) the inputs are checked first (`preflight.check_training_run`): a refused run
+    writes nothing. A run that fails before its first complete checkpoint removes the output folder it
+    created."""
+    checked = None
+    if check:
+        from bytelift.preflight import check_training_run
+
+        checked = check_training_run(cfg)
+    created = not os.path.exists(cfg.output)
+    try:
+        return _train(cfg, checked)
+    except BaseException:
+        if created and latest_complete_checkpoint(cfg.output) is None:
+            import shutil
+
+            shutil.rmtree(cfg.output, ignore_errors=True)  # nothing to resume: leave nothing behind
+        raise
+
+
+def _train(cfg: TrainConfig, checked=None) -> dict[str, Any]:
     from transformers import set_seed
 
     from bytelift.data import ByteCollator
 
-    if not cfg.data:
-        raise ValueError("no training data: pass at least one file or folder (--data)")
     set_seed(cfg.seed)
     os.makedirs(cfg.output, exist_ok=True)
+    if checked is not None and int(os.environ.get("RANK", "0")) == 0:  # the corpus as read and split, recorded
+        write_json_atomically(Path(cfg.output) / "corpus.json",
+                              {"data": cfg.data, "sources": [dataclasses.asdict(s) for s in checked.stats.sources]})
     objective, tokenizer = build_objective(cfg)
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     train_ds, eval_ds, stats = _datasets(cfg, tokenizer, rank, world_size)
