@@ -178,9 +178,12 @@ def test_side_by_side_command(folders, tmp_path, capsys):
 
 
 def test_clear_errors(folders, tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no model folder"):
         ByteliftLM(str(tmp_path / "missing"), device="cpu")
     assert main(["lm-eval", str(tmp_path / "missing"), "--tasks", "hellaswag"]) == 2
+    assert "no model folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["lm-eval", str(tmp_path / "empty"), "--tasks", "hellaswag"]) == 2
     assert "is not a model folder" in capsys.readouterr().err
     assert main(["lm-eval", str(folders / "model"), "--tasks", "arc_easy,bytelift_hellaswag"]) == 2
     err = capsys.readouterr().err  # the harness's own arc_easy is known; the exported task needs --include-path

@@ -165,6 +165,8 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
 def _cmd_train(args) -> int:
     import json
 
+    import yaml
+
     from bytelift.training import TrainConfig, train
 
     overrides = _key_values(args.set, "--set")
