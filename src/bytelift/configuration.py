@@ -6,6 +6,8 @@ derived from the nested `source_config` (local width = source width, FFN ≈ 1.3
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -130,3 +132,9 @@ class ByteliftConfig(PreTrainedConfig):
         return getattr(self.source_config, "max_position_embeddings", None) or getattr(
             self.source_config, "n_positions", None
         )
+
+
+def unknown_options(options: Iterable[str]) -> list[str]:
+    """The names in `options` that are not ByteliftConfig fields, sorted: PretrainedConfig would keep them as
+    silent attributes, so every entry point that takes model options refuses them by name."""
+    return sorted(set(options) - set(ByteliftConfig.__annotations__))

@@ -26,7 +26,7 @@ from transformers import initialization as hf_init
 from transformers.modeling_outputs import ModelOutput
 
 from bytelift.checks import ContextError
-from bytelift.configuration import ByteliftConfig
+from bytelift.configuration import ByteliftConfig, unknown_options
 from bytelift.generation import ByteliftGenerationMixin
 from bytelift.mlstm import LocalStack, MLSTMLayer
 from bytelift.prior import TokenTrie, add_prior, prior_logprobs, token_cumsums
@@ -541,8 +541,8 @@ class ByteliftForCausalLM(ByteliftGenerationMixin, ByteliftPreTrainedModel):
         """
         from bytelift.sources import load_source
 
-        unknown = sorted(set(config_overrides) - set(ByteliftConfig().to_dict()))
-        if unknown:  # PretrainedConfig would keep them silently as attributes
+        unknown = unknown_options(config_overrides)
+        if unknown:
             raise ValueError(f"unknown model options {unknown}: not ByteliftConfig fields")
         if not isinstance(source, PreTrainedModel):
             name = str(source)

@@ -75,12 +75,12 @@ def check_model_overrides(source: str, tokenizer, overrides: dict[str, Any]) -> 
     (e.g. heads that divide the local width), checked on the source's config without building the model."""
     if not overrides:
         return
-    from bytelift.configuration import ByteliftConfig
+    from bytelift.configuration import ByteliftConfig, unknown_options
     from bytelift.sources import load_source_config
 
-    unknown = set(overrides) - set(ByteliftConfig.__annotations__)
+    unknown = unknown_options(overrides)
     if unknown:
-        raise UsageError(f"unknown model option(s) {sorted(unknown)}: the options are ByteliftConfig's fields")
+        raise UsageError(f"unknown model option(s) {unknown}: the options are ByteliftConfig's fields")
     with usage_errors():
         ByteliftConfig(source_config=load_source_config(source).to_dict(), subword_vocab_size=len(tokenizer) + 1,
                        **overrides)
