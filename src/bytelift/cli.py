@@ -141,11 +141,8 @@ def _cmd_generate(args) -> int:
 
 
 def _minutes_list(text: str) -> tuple[float, ...]:
-    """'5,10,15' -> (5.0, 10.0, 15.0); argparse reports a ValueError as a usage error."""
-    minutes = tuple(float(m) for m in text.split(",") if m.strip())
-    if any(m <= 0 for m in minutes):
-        raise ValueError(text)
-    return minutes
+    """'5,10,15' -> (5.0, 10.0, 15.0), each a positive number (positive_float's check and message)."""
+    return tuple(positive_float(m.strip()) for m in text.split(",") if m.strip())
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict:
