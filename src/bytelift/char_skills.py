@@ -70,6 +70,13 @@ def _ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
+def _swapped(items, i: int, j: int) -> list:
+    """A copy of `items` (a string's letters or a sentence's words) with positions i and j exchanged."""
+    out = list(items)
+    out[i], out[j] = out[j], out[i]
+    return out
+
+
 class CharSkillGenerator:
     """Synthetic character-understanding examples (spelling, reversal, edits, containment), CUTE-style.
 
@@ -160,10 +167,8 @@ class CharSkillGenerator:
             i, j = sorted(rng.choice(len(word), size=2, replace=False).tolist())
             while word[i] == word[j]:  # swapping equal letters would be a no-op: pick distinct letters
                 i, j = sorted(rng.choice(len(word), size=2, replace=False).tolist())
-            chars = list(word)
-            chars[i], chars[j] = chars[j], chars[i]
             return CharSkillExample(task, f"Swap the {_ordinal(i + 1)} and {_ordinal(j + 1)} letters of '{word}':",
-                                    "".join(chars))
+                                    "".join(_swapped(word, i, j)))
         if task == "contains_char":
             letter = present if rng.random() < 0.5 else self._letter(rng, exclude=word)
             return CharSkillExample(task, f"Does '{word}' contain the letter '{letter}'?",
@@ -187,10 +192,8 @@ class CharSkillGenerator:
                                     " ".join(sentence[:k] + [new] + sentence[k + 1 :]))
         if task == "swap_words":
             i, j = sorted(rng.choice(len(sentence), size=2, replace=False).tolist())
-            out = list(sentence)
-            out[i], out[j] = out[j], out[i]
             return CharSkillExample(task, f"Swap the {_ordinal(i + 1)} and {_ordinal(j + 1)} words of '{text}':",
-                                    " ".join(out))
+                                    " ".join(_swapped(sentence, i, j)))
         if task == "contains_word":
             probe = sentence[k] if rng.random() < 0.5 else self._pool[rng.integers(len(self._pool))]
             return CharSkillExample(task, f"Does '{text}' contain the word '{probe}'?",
