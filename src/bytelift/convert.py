@@ -139,9 +139,10 @@ class _State:
 def check_inputs(cfg: ConvertConfig, log=print) -> tuple[list[str], list[dict[str, Any]]]:
     """Everything `convert` checks before it writes anything (`bytelift.preflight`), cheapest first: the
     output folder, the stage-1 model when given, the corpus (read and split as the stages will), the source
-    model, whether the corpus holds enough training and held-out text for the run, and the budget. Logs the corpus report per source; returns the
-    corpus paths (the default corpus, built in the bytelift cache, when none is given) and the sources as
-    read and split (`corpus_reading.SourceStats` as dicts). Raises UsageError."""
+    model, whether the corpus holds enough training and held-out text for the run, and the budget. Logs the
+    corpus report per source; returns the corpus paths (the default corpus, built in the bytelift cache,
+    when none is given) and the sources as read and split (`corpus_reading.SourceStats` as dicts). Raises
+    UsageError."""
     from bytelift.checks import UsageError, model_folder
     from bytelift.corpus_reading import corpus_options
     from bytelift.preflight import check_corpus, check_model_overrides, read_training_corpus
@@ -170,8 +171,8 @@ def check_inputs(cfg: ConvertConfig, log=print) -> tuple[list[str], list[dict[st
     if not (cfg.stage1_steps and cfg.stage2_steps) and training < 2 * MIN_STAGE_MINUTES:
         log(f"note: the budget ({cfg.budget_minutes:g} min) leaves {max(training, 0):.1f} min for training after the "
             f"evaluation reserve ({cfg.eval_minutes:g} min) and loading ({OVERHEAD_MINUTES:g} min): each stage trains "
-            f"its minimum of {MIN_STAGE_MINUTES:g} min, and the evaluation takes its own time (--eval-minutes and "
-            "the item counts, e.g. --lambada 50 --hellaswag 50, make it shorter)")
+            f"its minimum of {MIN_STAGE_MINUTES:g} min, and the evaluation takes as long as its items do (fewer "
+            "items make it shorter, e.g. --lambada 50 --hellaswag 50)")
     return data, [dataclasses.asdict(s) for s in checked.stats.sources]
 
 
