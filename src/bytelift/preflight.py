@@ -1,14 +1,16 @@
 """What a training run or a conversion checks before it spends time or writes anything.
 
+    corpus = read_training_corpus(["book.txt"], options, weights=None)    # every file read and split
     tokenizer = check_model_input(stage=1, source="smollm2-135m", init_from=None)
-    checked = check_corpus(["book.txt"], tokenizer, options=..., window_tokens=128, batch_size=4)
+    checked = check_corpus(corpus, tokenizer, window_tokens=128, batch_size=4)
     print("\\n".join(checked.lines))        # documents and bytes per source, the split, tokens
 
 Everything the user's input can make fail, fails here, as a ``UsageError`` with one line saying how to fix
-it: the source model (its config, its weights' headers and its tokenizer: ``sources.check_source``) or the
-stage-1 model folder; the corpus (every path and file read, the held-out split made:
-``corpus_reading.read_corpus``) and whether it holds enough training and held-out text for the run; the
-output folder (``check_train_output``; a conversion checks its own in ``bytelift.convert``).
+it, cheapest first: the output folder (``check_train_output``; a conversion checks its own in
+``bytelift.convert``); the corpus (every path and file read, the held-out split made:
+``corpus_reading.read_corpus``); the source model (its config, its weights' headers and its tokenizer:
+``sources.check_source``) or the stage-1 model folder, and model overrides; whether the corpus holds enough
+training and held-out text for the run.
 
 Enough text (token counts estimated from the bytes at the source tokenizer's rate on a sample):
 - training: ``MIN_TRAIN_BATCHES`` batches of distinct windows. With fewer, every step sees a large share
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from bytelift.checks import UsageError, folder_is_empty, model_folder, output_folder, usage_errors
-from bytelift.corpus_reading import CorpusStats, format_bytes, read_corpus
+from bytelift.corpus_reading import CorpusStats, SplitCorpus, format_bytes, read_corpus
 
 # Training text must hold at least this many batches of distinct windows (module docstring).
 MIN_TRAIN_BATCHES = 8
@@ -101,30 +103,33 @@ def _bytes_per_token(texts: Sequence[str], tokenizer) -> float:
     return size / max(tokens, 1)
 
 
+def read_training_corpus(data: Sequence[str], options: dict[str, Any], weights: Sequence[float] | None) -> SplitCorpus:
+    """The corpus read and split as the run will read it (``corpus_reading.read_corpus``): first of the
+    checks, as every file's problems are the user's and cost no model loading. Raises UsageError."""
+    if not data:
+        raise UsageError("no training data: pass at least one file or folder (--data)")
+    return read_corpus(list(data), weights=weights, **options)
+
+
 def check_corpus(
-    data: Sequence[str],
+    corpus: SplitCorpus,
     tokenizer,
     *,
-    options: dict[str, Any],
-    weights: Sequence[float] | None = None,
     window_tokens: int,
     batch_size: int,
     steps: dict[str, int] | None = None,
     need_heldout: bool = True,
     heldout_hint: str = "raise --heldout-fraction",
 ) -> CorpusCheck:
-    """Read and split the corpus as the run will, and check that it holds enough text (module docstring).
+    """Check that a corpus (``read_training_corpus``) holds enough text for the run (module docstring).
 
     Args:
-        options: reading options (``corpus_reading.corpus_options(cfg)``).
+        tokenizer: the source tokenizer (token counts are estimated at its bytes per token on a sample).
         steps: {"stage 1": steps, ...} of a run of fixed steps: the lines say how often each reads the text.
         need_heldout: the run evaluates on held-out text (it must hold one window).
     Raises:
-        UsageError (CorpusError): unreadable corpus, or too little text, saying how much is needed.
+        UsageError: too little text, saying how much is needed.
     """
-    if not data:
-        raise UsageError("no training data: pass at least one file or folder (--data)")
-    corpus = read_corpus(list(data), weights=weights, **options)
     stats = corpus.stats
     rate = _bytes_per_token(corpus.train, tokenizer)
     train_bytes = sum(s.train_bytes for s in stats.sources)
@@ -175,22 +180,24 @@ def check_training_run(cfg, log=print) -> CorpusCheck | None:
     stage-1 model, the corpus and its split (its report logged per source, with the text it holds for the
     run). ``cfg`` is a ``TrainConfig``. A streamed corpus is too large to read up front: only its paths and
     first documents are checked (None is returned)."""
-    from bytelift.corpus_reading import corpus_options, find_sources, load_corpus
+    from bytelift.corpus_reading import corpus_options, load_corpus
 
     check_train_output(cfg.output, cfg.resume)
-    if not cfg.data:
-        raise UsageError("no training data: pass at least one file or folder (--data)")
-    find_sources(cfg.data, cfg.text_suffixes)  # paths and formats first: cheaper than loading a tokenizer
+    if cfg.streaming:
+        if not cfg.data:
+            raise UsageError("no training data: pass at least one file or folder (--data)")
+        load_corpus(cfg.data, split=None, streaming=True, **corpus_options(cfg))
+        corpus = None
+    else:
+        corpus = read_training_corpus(cfg.data, corpus_options(cfg), cfg.data_weights)
     tokenizer = check_model_input(cfg.stage, cfg.source, cfg.init_from)
     if cfg.stage == 1:
         check_model_overrides(cfg.source, tokenizer, cfg.model)
-    if cfg.streaming:
-        load_corpus(cfg.data, split=None, streaming=True, **corpus_options(cfg))
+    if corpus is None:
         return None
     checked = check_corpus(
-        cfg.data, tokenizer, options=corpus_options(cfg), weights=cfg.data_weights, window_tokens=cfg.window_tokens,
-        batch_size=cfg.batch_size * cfg.grad_accum, steps={f"stage {cfg.stage}": cfg.max_steps} if cfg.max_steps else None,
-        need_heldout=cfg.heldout_fraction > 0,
+        corpus, tokenizer, window_tokens=cfg.window_tokens, batch_size=cfg.batch_size * cfg.grad_accum,
+        steps={f"stage {cfg.stage}": cfg.max_steps} if cfg.max_steps else None, need_heldout=cfg.heldout_fraction > 0,
         heldout_hint="raise heldout_fraction, or set heldout_fraction=0 to train without evaluation",
     )
     for line in checked.lines:
