@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval", reason="the eval extra (lm-evaluation-harness) is not installed")
 
@@ -198,4 +197,5 @@ def test_clear_errors(folders, tmp_path, capsys):
     with pytest.raises(ValueError, match="max_gen_toks"):
         ByteliftLM(str(folders / "model"), device="cpu", max_length=8).generate_until(
             _requests("generate_until", [("x", {"until": [], "max_gen_toks": 8})]), disable_tqdm=True)
-    assert torch.get_num_threads() == 1  # the one_thread fixture is in effect
+    assert main(["lm-eval", str(folders / "model"), "--tasks", "arc_easy", "--limit", "0"]) == 2
+    assert "--limit must be positive" in capsys.readouterr().err

@@ -5,7 +5,7 @@
 
 The byte model runs as the harness model `bytelift` (`bytelift.evaluation.harness`), its source as the
 harness's own `hf` model (the source loaded offline by `bytelift.sources.load_source`: the one the byte
-model's config records, or `--source NAME`). Both get the same tasks, limit and few-shot settings; the table
+model's config records, or `--source-model NAME`). Both get the same tasks, limit and few-shot settings; the table
 (`lm_eval.md`, `lm_eval.json` in the output folder) has per task and metric the harness's value (± its
 standard error) for each model and their ratio, byteified / source. lm_eval is imported only here and in
 `harness`, so the rest of bytelift works without the `eval` extra.
@@ -75,6 +75,8 @@ def command(args: argparse.Namespace, prog: str = "bytelift lm-eval") -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if args.limit is not None and args.limit <= 0:
+            raise ValueError(f"--limit must be positive, got {args.limit:g}")
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
         result = run_side_by_side(
             args.model, [t.strip() for t in args.tasks.split(",") if t.strip()],
@@ -100,6 +102,7 @@ def check_tasks(tasks: list[str], include_path: str | None):
 
     if include_path and not Path(include_path).is_dir():
         raise FileNotFoundError(f"--include-path {include_path} is not a folder")
+
     def missing(manager) -> list[str]:
         return [t for t in tasks if not manager.match_tasks([t]) and not Path(t).is_file()]
 
@@ -126,7 +129,7 @@ def _source_lm(model, name: str | None, batch_size: int, device: str):
 
     name = name or model.config.source_name_or_path
     if not name:
-        raise ValueError("the model does not record its source: pass --source NAME")
+        raise ValueError("the model does not record its source: pass --source-model NAME")
     source, tokenizer = load_source(name)
     return HFLM(pretrained=source.to(device).eval(), tokenizer=tokenizer, batch_size=batch_size, device=device), name
 
