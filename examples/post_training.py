@@ -1,5 +1,5 @@
-"""Post-training for free, offline: fine-tune the packaged SmolLM2 source for a few CPU minutes, transfer the
-delta into its byte model with no byte-level training, and score the new behaviour on held-out prompts.
+"""Post-training for free, offline: fine-tune the packaged SmolLM2 source on a CPU, transfer the delta into its
+byte model with no byte-level training, and score the new behaviour on held-out prompts.
 
 The behaviour: every answer is one line, ``ANSWER: <short answer>``, that ends the turn. The instruct model
 never answers that way (it writes sentences); after the fine-tune it does. A program scores it on held-out
@@ -9,11 +9,15 @@ the model ended its turn within the budget (REPLY_BYTES bytes; REPLY_TOKENS toke
 
     python examples/post_training.py finetune --output runs/smollm2-answer-format
     bytelift transfer runs/job --base smollm2-135m --post runs/smollm2-answer-format --output runs/job-answer-format
-    python examples/post_training.py score smollm2-135m runs/smollm2-answer-format runs/job runs/job-answer-format
+    python examples/post_training.py score smollm2-135m runs/smollm2-answer-format runs/job runs/job-answer-format \
+        --reference runs/smollm2-answer-format
 
 `finetune` is a `transformers.Trainer` run (full fine-tune, loss on the answer only, chat template of the source)
 and writes an ordinary HF folder; `score` takes any mix of source models (packaged name, HF folder, .gguf) and
-byte-model folders, prints a table and, as its last line, one JSON object. Run from the repository root.
+byte-model folders, prints a table and, as its last line, one JSON object (with a few replies that missed).
+`--reference M` adds how often each model gives M's reply word for word, and the bits per byte each gives M's
+replies; `--markers text` prompts byte models with the chat markers spelled as text (the README's comparison).
+Run from the repository root; the README's "Post-training for free" section has the figures.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ HELDOUT_MODULUS = 10
 # Held-out prompts scored: natural-questions items left out of training, and SciQ questions.
 HELDOUT_NQ = 50
 HELDOUT_SCIQ = 30
-# Fine-tune defaults: a few minutes of 2 CPU cores; the format is learnt long before the end.
+# Fine-tune defaults: 50 steps of 8 chats (2 s a step on 2 free CPU cores, minutes in all; the README's run took
+# 20.5 min on cores shared with other jobs).
 TRAIN_EXAMPLES = 400
 TRAIN_STEPS = 50
 BATCH_SIZE = 8
@@ -252,6 +257,7 @@ def score(args) -> None:
             **{f"format_{k}": sum(map(_follows, rs)) / len(rs) for k, rs in by_set.items()},
             "starts_with_prefix": sum(t.startswith(ANSWER_PREFIX) for t, _ in replies[name]) / len(prompts),
             "examples": [t for t, _ in replies[name][:: len(prompts) // 4]][:4],
+            "misses": [(t[:100], e) for t, e in replies[name] if not _follows((t, e))][:4],  # (reply, ended)
             "minutes": round((time.time() - start) / 60, 2),
         }
         print(f"{name}: {results[name]}", flush=True)

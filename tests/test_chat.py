@@ -68,7 +68,8 @@ def test_generation_stops_at_a_text_end_of_turn(turn_model):
     more = turn_model.generate(**batch, max_new_bytes=40, logits_processor=[Script(text_ids("ab<|end|>cd"))],
                                return_dict=True, end_of_turn=False, eos=False)
     assert int(more.num_new_bytes[0]) == 40 and more.texts[0].startswith("abcd")
-    streamed = turn_model.stream(batch["input_ids"], max_new_bytes=40, logits_processor=[Script(text_ids("ab<|end|>cd"))])
+    streamed = turn_model.stream(batch["input_ids"], max_new_bytes=40,
+                                 logits_processor=[Script(text_ids("ab<|end|>cd"))])
     assert "".join(streamed) == "ab"
 
 

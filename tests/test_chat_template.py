@@ -75,7 +75,9 @@ def test_chat_bytes_equal_the_rendered_string(make):
     """Reserved ids stand for the source's bos/eos texts; every other character is its UTF-8 bytes. The
     template reads the *source's* special tokens (`bos_token` renders as the source's, not '<bos>')."""
     src = make()
-    src.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    src.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
     tok = ByteTokenizer.from_source(src)
     rendered = src.apply_chat_template(CHAT, tokenize=False)
     ids = tok.apply_chat_template(CHAT, return_dict=False)
@@ -125,3 +127,16 @@ def test_template_survives_save_and_load(eos_chat, tmp_path):
     eos_chat.save_pretrained(tmp_path)
     loaded = ByteTokenizer.from_pretrained(tmp_path)
     assert loaded.apply_chat_template(CHAT, return_dict=False) == eos_chat.apply_chat_template(CHAT, return_dict=False)
+
+
+@pytest.mark.slow
+def test_smollm2_chat_is_spelled_as_in_training(smollm2_tokenizer):
+    """The packaged source: <|im_start|>/<|im_end|> (its bos/eos) are BOS/EOS, its default system turn is
+    rendered, and its end of turn is EOS (no stop string needed)."""
+    tok = ByteTokenizer.from_source(smollm2_tokenizer)
+    ids = tok.apply_chat_template(CHAT[1:], add_generation_prompt=True, return_dict=False)
+    rendered = tok.apply_chat_template(CHAT[1:], add_generation_prompt=True, tokenize=False)
+    expected, _ = tok.source_bytes_and_patches(smollm2_tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert ids == expected.tolist() and _as_source_text(tok, ids) == rendered
+    assert "You are a helpful AI assistant named SmolLM" in rendered
+    assert tok.end_of_turn == "<|im_end|>" and tok.end_of_turn_stop is None

@@ -91,7 +91,8 @@ def test_transfer_adds_the_scaled_delta_to_the_global_model_only(setup, embeddin
     }]
     # POST's chat template came along: the transferred model chats as POST was tuned to.
     assert after.tokenizer.end_of_turn == setup["tok"].eos_token
-    assert after.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|bos|>user\nhi<|endoftext|>\n"
+    rendered = after.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert rendered == "<|bos|>user\nhi<|endoftext|>\n"
 
 
 def _other_source(setup, name: str, arch: str = "llama", tokenizer=None, **config_changes) -> str:

@@ -115,8 +115,6 @@ class ChatTemplateMixin:
             return None
         return marker
 
-    # --- helpers -------------------------------------------------------------------------------------------
-
     def chat_source_tokenizer(self):
         """The source tokenizer, which renders chats (a ValueError when it has no chat template)."""
         source = self.source_tokenizer
@@ -126,6 +124,8 @@ class ChatTemplateMixin:
                 "one on tokenizer.source_tokenizer.chat_template"
             )
         return source
+
+    # --- helpers -------------------------------------------------------------------------------------------
 
     def _reserved_texts(self) -> dict[str, int]:
         """Source special-token text -> reserved byte-side id: its bos -> BOS_ID, its eos -> EOS_ID (eos wins

@@ -46,7 +46,8 @@ The end-of-patch flag is then the head's conditional decision p(fused | byte) > 
 `boundary_bias`, by default the model's calibrated `decode_boundary_bias`, see `calibrate_boundary_bias`),
 deterministic like the predictor's threshold during prefill: a boundary is a segmentation decision, not
 content, so temperature does not randomise it. Pad, bos and filler can never
-be generated; eos only with `eos=True`.
+be generated; eos only with `eos=True`. A row also stops at the end-of-turn marker of the source's chat template
+(`bytelift.chat_template`; by default) and where `stopping_criteria` (transformers StoppingCriteria) say so.
 With a `seed`, each row samples from its own generator seeded with the seed itself (not seed + row) and
 drawn from only when the row emits a byte: a row's samples depend on the seed and its own history alone,
 so a prompt samples the same alone or in any batch, and identical prompts sample identically.
@@ -66,8 +67,8 @@ import torch.nn.functional as F
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
-    StoppingCriteriaList,
     RepetitionPenaltyLogitsProcessor,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -898,22 +899,22 @@ class ByteliftGenerationMixin:
             kwargs.setdefault("max_new_bytes", kwargs.pop("max_new_tokens"))
         state: dict = {}
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        marker = None
+        hold = None  # drops the end-of-turn marker's text (`MarkerFilter`)
         with torch.inference_mode():
             steps = self._generate_steps(prompt, state=state, **kwargs)
             for ready, byte in steps:
                 if state["input_ids"].shape[0] != 1:
                     raise ValueError("stream() takes one prompt")
-                if marker is None:  # the end-of-turn marker, known once decoding started
-                    marker = MarkerFilter(state.get("end_of_turn"))
+                if hold is None:  # the marker is known once decoding started
+                    hold = MarkerFilter(state.get("end_of_turn"))
                 b = int(byte[0])
                 if bool(ready[0]) and b >= BYTE_OFFSET:
-                    text = marker.feed(decoder.decode(bytes([b - BYTE_OFFSET])))
+                    text = hold.feed(decoder.decode(bytes([b - BYTE_OFFSET])))
                     if text:
                         yield text
         text = decoder.decode(b"", final=True)
-        if marker is not None:
-            text = marker.feed(text) + marker.flush()
+        if hold is not None:
+            text = hold.feed(text) + hold.flush()
         if text:
             yield text
 

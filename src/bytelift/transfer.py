@@ -93,7 +93,9 @@ def check_transferable(model: ByteliftForCausalLM, source: PreTrainedModel, toke
     head, own_head = source.get_output_embeddings(), model.prior_head
     if own_head is not None and (head is None or head.weight.shape != own_head.weight.shape):
         shape = None if head is None else tuple(head.weight.shape)
-        raise ValueError(f"{what}: LM head of shape {shape}; the byte model's prior head has {tuple(own_head.weight.shape)}")
+        raise ValueError(
+            f"{what}: LM head of shape {shape}; the byte model's prior head has {tuple(own_head.weight.shape)}"
+        )
 
 
 def _check_vocabulary(reference, tokenizer, what: str) -> None:
@@ -141,8 +143,9 @@ def add_delta(
         delta = _embedding_outputs(post, rows) - _embedding_outputs(base, rows)
         table[:rows] = (table[:rows].float() + scale * delta.to(table.device)).to(table.dtype)
     if prior_head_delta and model.prior_head is not None:
+        post_head, base_head = post.get_output_embeddings(), base.get_output_embeddings()
         for name, param in model.prior_head.named_parameters():
-            delta = getattr(post.get_output_embeddings(), name).float() - getattr(base.get_output_embeddings(), name).float()
+            delta = getattr(post_head, name).float() - getattr(base_head, name).float()
             param.copy_((param.float() + scale * delta.to(param.device)).to(param.dtype))
 
 
