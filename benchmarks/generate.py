@@ -254,7 +254,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from bytelift.generation import DEFAULT_GLOBAL_SYNC
+    from bytelift.decoding import DEFAULT_GLOBAL_SYNC
     from bytelift.modeling import ByteliftForCausalLM
     from bytelift.sources import load_source
 

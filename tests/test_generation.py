@@ -9,11 +9,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import TextStreamer
 
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
-import bytelift.generation as generation
 import bytelift.calibration as calibration
-from bytelift.generation import DecodingSession, GrowingKVLayer
+import bytelift.decoding as decoding
+from bytelift.decoding import DecodingSession, GrowingKVLayer
 from bytelift.streaming import ByteTextStreamer
 from bytelift.modeling import ByteliftForCausalLM
 from bytelift.tokenization import BYTE_OFFSET, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
@@ -241,7 +241,7 @@ def test_finished_rows_are_dropped_outputs_unchanged(model, monkeypatch, global_
     assert sizes[0] == len(prompts) and min(sizes) < sizes[0]  # rows did leave the computed batch
     assert sorted(sizes, reverse=True) == sizes
     dropped = model.generate(prompts, **kwargs)
-    monkeypatch.setattr("bytelift.generation.DROP_FINISHED_ROWS", False)
+    monkeypatch.setattr("bytelift.decoding.DROP_FINISHED_ROWS", False)
     kept = model.generate(prompts, **kwargs)
     assert torch.equal(dropped.new_ids, kept.new_ids) and torch.equal(dropped.boundaries, kept.boundaries)
     assert len(set(dropped.num_new_bytes.tolist())) > 2  # the rows did stop at different lengths
@@ -438,61 +438,6 @@ def test_other_architectures_batched_equals_alone(arch, family, bytelevel_tokeni
     assert 0 < int(batch.boundaries.sum()) < batch.boundaries.numel()
 
 
-def test_growing_kv_layer_equals_dynamic_layer(monkeypatch):
-    """Appends in place across several buffer growths and row selections: the same keys and values as HF's
-    concatenating DynamicLayer, and the cache's sequence length follows."""
-    monkeypatch.setattr(generation, "KV_MIN_SPARE", 2)
-    torch.manual_seed(0)
-    ours, theirs = GrowingKVLayer(), DynamicLayer()
-    B, growths, capacity = 5, 0, 0
-    for S, select in [(3, None), (1, None), (1, None), (2, [0, 2, 3, 4]), (1, None), (4, [1, 3]), (1, None)]:
-        if select is not None:
-            index = torch.tensor(select)
-            ours.batch_select_indices(index)
-            theirs.batch_select_indices(index)
-            B = len(select)
-        k, v = torch.randn(B, 2, S, 8), torch.randn(B, 2, S, 6)
-        k_ours, v_ours = ours.update(k, v)
-        k_theirs, v_theirs = theirs.update(k, v)
-        assert torch.equal(k_ours, k_theirs) and torch.equal(v_ours, v_theirs)
-        assert ours.get_seq_length() == theirs.get_seq_length()
-        assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
-        growths += ours._key_buffer.shape[-2] != capacity
-        capacity = ours._key_buffer.shape[-2]
-    assert growths == 3  # capacities 5, 9, 15 with two spare slots
-    for op, arg in (("reorder_cache", torch.tensor([1, 1, 0])), ("batch_repeat_interleave", 2)):
-        getattr(ours, op)(arg)
-        getattr(theirs, op)(arg)
-        k = torch.randn(ours.keys.shape[0], 2, 1, 8)
-        assert torch.equal(ours.update(k, k[..., :6])[0], theirs.update(k, k[..., :6])[0]), op
-
-
-def test_growing_kv_layer_step_of_some_rows():
-    """A forward of rows (1, 3) of 4 (`step_rows`): their new slot is written, the other rows' entries are
-    zeros, and the layer returns those rows' keys and values: as HF's layer given the full batch."""
-    torch.manual_seed(0)
-    ours, theirs = GrowingKVLayer(), DynamicLayer()
-    k, v = torch.randn(4, 2, 3, 8), torch.randn(4, 2, 3, 6)
-    ours.update(k, v)
-    theirs.update(k, v)
-    rows = torch.tensor([1, 3])
-    k1, v1 = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 6)
-    full_k, full_v = torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 6)
-    full_k[rows], full_v[rows] = k1, v1
-    ours._key_buffer.fill_(float("nan"))  # the spare slots: whatever memory held
-    ours._key_buffer[..., :3, :] = k
-    ours.step_rows = rows
-    k_ours, v_ours = ours.update(k1, v1)
-    ours.step_rows = None
-    k_theirs, v_theirs = theirs.update(full_k, full_v)
-    assert torch.equal(k_ours, k_theirs[rows]) and torch.equal(v_ours, v_theirs[rows])
-    assert torch.equal(ours.keys, k_theirs) and torch.equal(ours.values, v_theirs)
-    assert ours.get_seq_length() == 4
-    with pytest.raises(TypeError, match="GrowingKVLayer"):
-        with generation.computing_rows(type("C", (), {"layers": [DynamicLayer()]})(), rows):
-            pass
-
-
 @pytest.mark.parametrize("global_sync", [1e-3, 0.5])
 def test_global_step_computes_only_the_waiting_rows(model, monkeypatch, global_sync):
     """Without parking, a global step runs the transformer on the rows that closed a patch alone: over
@@ -506,7 +451,7 @@ def test_global_step_computes_only_the_waiting_rows(model, monkeypatch, global_s
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model.global_model, "forward", counting)
-    monkeypatch.setattr(generation, "DROP_FINISHED_ROWS", False)
+    monkeypatch.setattr(decoding, "DROP_FINISHED_ROWS", False)
     out = model.generate(MIXED_PROMPTS, max_new_bytes=24, return_dict=True, eos=False, global_sync=global_sync)
     B = len(MIXED_PROMPTS)
     prefill, decode = computed[0], computed[1:]
@@ -524,17 +469,17 @@ def test_global_step_computes_only_the_waiting_rows(model, monkeypatch, global_s
 def test_global_cache_layer_types(bytelevel_tokenizer, sentencepiece_tokenizer):
     """Full-attention layers append in place; sliding-window layers keep HF's windowed layer."""
     llama = _model(bytelevel_tokenizer).global_model.config
-    assert all(type(layer) is GrowingKVLayer for layer in generation._global_cache(llama).layers)
+    assert all(type(layer) is GrowingKVLayer for layer in decoding._global_cache(llama).layers)
     gemma = _model(sentencepiece_tokenizer, arch="gemma3").global_model.config
-    types = {type(layer) for layer in generation._global_cache(gemma).layers}
+    types = {type(layer) for layer in decoding._global_cache(gemma).layers}
     assert DynamicSlidingWindowLayer in types
 
 
 def test_batched_greedy_equals_alone_across_cache_growth(model, monkeypatch):
     """KV buffers and the slot mask grown many times during one generation (one-slot spare, one-slot
     blocks): outputs unchanged, and each row equals itself alone."""
-    monkeypatch.setattr(generation, "SLOT_BLOCK", 1)
-    monkeypatch.setattr(generation, "KV_MIN_SPARE", 1)
+    monkeypatch.setattr(decoding, "SLOT_BLOCK", 1)
+    monkeypatch.setattr(decoding, "KV_MIN_SPARE", 1)
     prompts = MIXED_PROMPTS[:4]
     kwargs = dict(max_new_bytes=24, return_dict=True, eos=False)
     batch = model.generate(prompts, **kwargs)

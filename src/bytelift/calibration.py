@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from bytelift.generation import DEFAULT_GLOBAL_SYNC, DecodingSession
+from bytelift.decoding import DEFAULT_GLOBAL_SYNC, DecodingSession
 from bytelift.tokenization import BOS_ID, BYTE_VOCAB_SIZE, PAD_ID, fuse
 
 
