@@ -10,14 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bytelift.modeling import ByteliftForCausalLM
-from bytelift.training import (
-    COMPLETE_MARKER,
-    LOG_NAME,
-    TrainConfig,
-    latest_complete_checkpoint,
-    parameter_groups,
-    train,
-)
+from bytelift.training import TrainConfig, parameter_groups, train
+from bytelift.training_callbacks import COMPLETE_MARKER, LOG_NAME, latest_complete_checkpoint
 from tests.tiny_models import tiny_source
 
 WORDS = "the quick brown fox jumps over lazy dog and cat while birds sing in trees near river bank".split()
@@ -159,7 +153,7 @@ def test_bad_configs(tmp_path):
 def test_wall_clock_schedule_follows_the_budget(monkeypatch):
     from transformers import TrainerControl
 
-    from bytelift.training import TimeBudget, wall_clock_schedule
+    from bytelift.training_callbacks import TimeBudget, wall_clock_schedule
 
     budget = TimeBudget(minutes=1.0)
     factor = wall_clock_schedule(budget, warmup_ratio=0.1)

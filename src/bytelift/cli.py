@@ -262,7 +262,7 @@ def _cmd_calibrate(args) -> int:
     from bytelift.evaluation import tasks as T
     from bytelift.evaluation.runner import default_heldout_data, torch_threads
     from bytelift.modeling import ByteliftForCausalLM
-    from bytelift.training import write_json_atomically
+    from bytelift.training_callbacks import write_json_atomically
 
     model_folder(args.model)
     config_file = Path(args.model) / "config.json"

@@ -198,7 +198,7 @@ def _check_output(output: Path, resume: bool) -> None:
 def _resumable(output: Path) -> bool:
     """Whether an interrupted conversion left anything --resume would use: a finished training stage or a
     complete checkpoint."""
-    from bytelift.training import latest_complete_checkpoint
+    from bytelift.training_callbacks import latest_complete_checkpoint
 
     state = output / STATE_FILE
     done = json.loads(state.read_text()).get("done", {}) if state.is_file() else {}
@@ -258,7 +258,8 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
 
 
 def _convert(cfg: ConvertConfig, data: list[str], sources: list[dict], start: float, log) -> dict[str, Any]:
-    from bytelift.training import TrainConfig, train, write_json_atomically
+    from bytelift.training import TrainConfig, train
+    from bytelift.training_callbacks import write_json_atomically
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
