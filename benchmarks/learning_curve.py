@@ -7,6 +7,8 @@ point is the held-out section of `bytelift eval` (the same 16 documents, predict
 with the source), so the last point equals the run's own report.
 
     python benchmarks/learning_curve.py runs/job runs/job-noprior --names "prior,no prior" --output curve/
+    python benchmarks/learning_curve.py runs/job-90 --names "prior, 90 min" --add curve/learning_curve.json \
+        --output curve90/           # a new run next to the curves scored before, without scoring them again
 
 Writes curve/learning_curve.png, .md (one table) and .json; prints the table and, last, the JSON.
 Snapshots are taken before the run's final calibration (boundary threshold, decoding bias) and, in stage 1,
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from bytelift.convert import STATE_FILE
 from bytelift.evaluation.runner import EvalConfig, evaluate
 from bytelift.modeling import ByteliftForCausalLM
 from bytelift.sources import load_source
-from bytelift.training import SNAPSHOT_DIR
+from bytelift.training_callbacks import SNAPSHOT_DIR
 
 # Only the held-out section: the curve's y axis (the other sections take minutes per point).
 HELDOUT_ONLY = EvalConfig(lambada=0, hellaswag=0, cute_per_task=0, basic_skills=0, loop_bytes=0,
@@ -83,7 +84,9 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="finished convert output folders")
+    p.add_argument("runs", nargs="*", type=Path, help="finished convert output folders")
+    p.add_argument("--add", type=Path, action="append", default=[],
+                   help="a learning_curve.json of an earlier run of this script: its curves join the table and plot")
     p.add_argument("--names", help="comma-separated curve names (default: the folder names)")
     p.add_argument("--output", type=Path, default=Path("learning_curve"))
     p.add_argument("--threads", type=int, default=None)
@@ -93,9 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names.split(",") if args.names else [r.name for r in args.runs]
     if len(names) != len(args.runs):
         p.error(f"{len(names)} names for {len(args.runs)} runs")
+    if not args.runs and not args.add:
+        p.error("give at least one run folder or --add")
+    curves: dict[str, list[dict]] = {}
+    for path in args.add:  # scored before on the same held-out documents
+        earlier = json.loads(path.read_text())
+        if clash := set(earlier) & (set(curves) | set(names)):
+            p.error(f"curve name(s) {sorted(clash)} of {path} are taken: rename with --names")
+        curves.update(earlier)
     plan = {name: run_points(run) for name, run in zip(names, args.runs)}  # every run checked before scoring
     sources: dict[str, object] = {}
-    curves: dict[str, list[dict]] = {}
     for (name, points), run in zip(plan.items(), args.runs):
         curves[name] = []
         for minute, folder in points:
