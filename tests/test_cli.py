@@ -149,6 +149,9 @@ CASES = {
     "convert/corrupt-state": (CONVERT.replace("{tmp}/out", "{corrupt_conversion}") + " --resume",
                               r"corrupt_conversion/convert_state.json is corrupt", []),
     "convert/too-little-text": (CONVERT.replace("{corpus_jsonl}", "{small_txt}"), r"too little training text", ["out"]),
+    "convert/job-owned-stage-option": (CONVERT + " --stage2-set output=x", r"stage2_train cannot set \['output'\]", ["out"]),
+    "convert/unknown-stage-option": (CONVERT + " --stage1-set nope=1", r"unknown training option\(s\) \['nope'\] in stage1_train", ["out"]),
+    "convert/stage1-share": (CONVERT + " --stage1-share 1", r"argument --stage1-share: expected a number > 0 and < 1", ["out"]),
     "convert/bytes-per-patch": (CONVERT + " --bytes-per-patch 0.5", r"expected a number ≥ 1, got '0.5'", ["out"]),
     # --- eval
     "eval/missing-model": ("eval {tmp}/nope", r"^bytelift eval: no model folder", []),

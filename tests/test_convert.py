@@ -34,6 +34,7 @@ def tiny_job(tmp_path_factory, bytelevel_tokenizer):
         source=str(root / "source"), data=[str(root / "corpus.jsonl")], output=str(root / "out"),
         stage1_steps=6, stage2_steps=5, window_tokens=32, heldout_fraction=0.1, eval=TINY_EVAL,
         model={"local_heads": 4}, samples=("Hello", "The"), sample_bytes=8, snapshot_minutes=(1e-4,),
+        stage1_train={"logging_steps": 2}, stage2_train={"lr": 3e-4, "predictor_lr_scale": 2.0},
     )
     # A conversion interrupted before it started anything: --resume starts it afresh.
     (root / "out").mkdir()
@@ -68,6 +69,11 @@ def test_convert_end_to_end(tiny_job):
     # Stage 2 started from stage 1's weights, not from a fresh conversion.
     s2 = json.loads((out / "stage2" / "bytelift_train_config.json").read_text())
     assert s2["init_from"] == str(out / "stage1") and s2["stage"] == 2
+    # The per-stage overrides reach their stage, over the job's own settings (it logs every 5 steps).
+    s1 = json.loads((out / "stage1" / "bytelift_train_config.json").read_text())
+    assert s1["logging_steps"] == 2 and s2["logging_steps"] == 5
+    assert (s2["lr"], s2["predictor_lr_scale"], s2["global_lr"]) == (3e-4, 2.0, 1.5e-4)
+    assert s1["predictor_lr_scale"] == 10.0
     # One clock for the snapshots: stage 2 counts on from stage 1's training time, so the mark that stage 1
     # passed at its first step is kept once, in stage 1.
     assert s2["snapshot_offset_minutes"] == pytest.approx(state["done"]["stage1"]["train_runtime"] / 60)
@@ -114,12 +120,14 @@ def test_convert_stage2_from_a_given_stage1_with_merged_patches(tiny_job, tmp_pa
     out = tmp_path / "merged"
     lines: list[str] = []
     convert(ConvertConfig(**{**cfg.__dict__, "output": str(out), "model": {}, "stage1_from": str(stage1),
-                             "target_bytes_per_patch": 12.0}), log=lines.append)
+                             "target_bytes_per_patch": 12.0, "stage2_train": {}, "stage2_lr": 1e-4}),
+            log=lines.append)
     assert not (out / "stage1").exists()
     state = json.loads((out / STATE_FILE).read_text())
     assert state["done"]["stage1"] == {"from": str(stage1)}
     s2 = json.loads((out / "stage2" / "bytelift_train_config.json").read_text())
     assert s2["init_from"] == str(stage1) and s2["target_bytes_per_patch"] == 12.0
+    assert (s2["lr"], s2["global_lr"]) == (1e-4, 5e-5)  # the job's stage-2 rate, the global model's half of it
 
     def target_ratio(folder):
         rows = [json.loads(line) for line in (folder / "stage2" / "log.jsonl").read_text().splitlines()]
@@ -163,6 +171,17 @@ def test_convert_failing_before_anything_resumable_leaves_nothing(tiny_job, tmp_
     assert (out / STATE_FILE).is_file()  # not created by this call: kept (and resumable as a fresh start)
 
 
+@pytest.mark.parametrize("stage_train, error", [
+    ({"output": "elsewhere"}, r"stage1_train cannot set \['output'\]: the conversion sets them itself"),
+    ({"lrr": 1e-3}, r"unknown training option\(s\) \['lrr'\] in stage1_train"),
+    ({"lr": 0}, r"lr must be a number > 0"),
+])
+def test_convert_refuses_bad_stage_options_before_running(stage_train, error, tmp_path):
+    with pytest.raises(UsageError, match=error):
+        ConvertConfig(output=str(tmp_path / "out"), stage1_train=stage_train)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_convert_passes_the_stage2_options(monkeypatch, tmp_path):
     import bytelift.convert
 
@@ -173,18 +192,26 @@ def test_cli_convert_passes_the_stage2_options(monkeypatch, tmp_path):
     assert main(["convert", "--output", str(tmp_path), "--snapshot-minutes", "5,12.5",
                  "--model-set", "source_prior=false", "--model-set", "local-heads=2"]) == 0
     assert seen["cfg"].snapshot_minutes == (5.0, 12.5) and seen["cfg"].model == {"source_prior": False, "local_heads": 2}
+    assert main(["convert", "--output", str(tmp_path), "--stage1-share", "0.4", "--stage1-set", "lr=1e-3",
+                 "--stage2-set", "global-lr=2e-5", "--stage2-set", "boundary_loss_weight=2"]) == 0
+    assert seen["cfg"].stage1_share == 0.4 and seen["cfg"].stage1_train == {"lr": 1e-3}
+    assert seen["cfg"].stage2_train == {"global_lr": 2e-5, "boundary_loss_weight": 2}
     with pytest.raises(SystemExit):  # a non-positive minute is a usage error
         main(["convert", "--snapshot-minutes", "0,5"])
 
 
-def test_cli_eval_and_show(tiny_job, tmp_path, capsys):
+def test_cli_eval_and_show(tiny_job, tmp_path, capsys, monkeypatch):
+    import bytelift.evaluation.tasks as tasks
+
     root, cfg, _, _ = tiny_job
     out = root / "out"
+    reads = []  # the held-out documents are read once: checked before the models load, then scored
+    monkeypatch.setattr(tasks, "heldout_texts", lambda *a, _read=tasks.heldout_texts, **k: reads.append(a) or _read(*a, **k))
     rc = main(["eval", str(out), "--source", cfg.source, "--report", str(tmp_path / "r"), "--data", cfg.data[0],
                "--heldout-fraction", "0.1", "--heldout-docs", "2", "--lambada", "1", "--hellaswag", "1",
                "--cute-per-task", "0", "--basic-skills", "1", "--loop-bytes", "8"])
     assert rc == 0
-    assert (tmp_path / "r" / "report.md").is_file()
+    assert (tmp_path / "r" / "report.md").is_file() and len(reads) == 1
     assert "| LAMBADA greedy last-word accuracy |" in capsys.readouterr().out
     loops = json.loads((tmp_path / "r" / "report.json").read_text())["loops"]
     assert loops["criterion"]["new_bytes"] == 8

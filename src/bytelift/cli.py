@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
+from bytelift.allocator import tune_allocator
 from bytelift.checks import (
     CommandParser,
     UsageError,
@@ -145,8 +147,13 @@ def _minutes_list(text: str) -> tuple[float, ...]:
     return tuple(positive_float(m.strip()) for m in text.split(",") if m.strip())
 
 
+# A decimal number as Python writes one (1e-3, 2E5, .5): read as a float where YAML 1.1 keeps a string.
+DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _key_values(items: list[str] | None, flag: str) -> dict:
-    """KEY=VALUE options (repeatable) -> {key: YAML-parsed value}; dashes in keys read as underscores."""
+    """KEY=VALUE options (repeatable) -> {key: YAML-parsed value, a number where Python reads one}; dashes in
+    keys read as underscores."""
     import yaml
 
     values = {}
@@ -155,7 +162,10 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
         if not sep or not key:
             raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
         with usage_errors(yaml.YAMLError):
-            values[key.replace("-", "_")] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and DECIMAL.fullmatch(parsed):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            parsed = float(parsed)
+        values[key.replace("-", "_")] = parsed
     return values
 
 
@@ -190,14 +200,6 @@ def _eval_config(args):
     return EvalConfig(**values)
 
 
-def _check_heldout(data: list[str], cfg, what: str) -> None:
-    """Read the corpus of an evaluation up front (before any model loads): it must hold held-out text."""
-    from bytelift.corpus_reading import corpus_options, read_corpus
-
-    if not read_corpus(data, **corpus_options(cfg)).heldout:
-        raise UsageError(f"no held-out documents in {data} (held-out fraction {cfg.heldout_fraction}) to {what}")
-
-
 def _recorded_source(model: str, given: str | None) -> str:
     """The source model to load beside a byte model: the given one, or the one its config records."""
     import json
@@ -214,23 +216,27 @@ def _cmd_eval(args) -> int:
     import dataclasses
 
     from bytelift.evaluation.report import markdown, write_report
-    from bytelift.evaluation.runner import evaluate, load_pair, torch_threads, training_logs
+    from bytelift.evaluation.runner import evaluate, heldout_documents, load_pair, torch_threads, training_logs
     from bytelift.sources import check_source
 
     model_folder(args.model)
     report = args.report or f"{args.model.rstrip('/')}/report"
     output_folder(report, "report folder")
     cfg = _eval_config(args)
+    heldout = None
     if args.data:
         cfg = dataclasses.replace(cfg, data=list(args.data))
-        if cfg.heldout_docs > 0:
-            _check_heldout(cfg.data, cfg, "score")
+        if cfg.heldout_docs > 0:  # read once, before any model loads: a corpus without held-out text is refused
+            heldout = heldout_documents(cfg)
+            if not heldout:
+                raise UsageError(f"no held-out documents in {cfg.data} (held-out fraction {cfg.heldout_fraction}) "
+                                 "to score")
     device = _device(args.device)
     name = _recorded_source(args.model, args.source)
     check_source(name)
     torch_threads(args.threads)
     model, source, name = load_pair(args.model, name, device)
-    results = evaluate(model, source, cfg)
+    results = evaluate(model, source, cfg, heldout=heldout)
     results["meta"] = {"model": args.model, "source": name}
     written = write_report(results, report, training_logs(args.model))
     print(markdown(results))
@@ -318,14 +324,16 @@ def _cmd_convert(args) -> int:
 
     values = {k: getattr(args, k) for k in ("source", "output", "budget_minutes", "eval_minutes", "seed",
                                            "window_tokens", "batch_size", "stage1_steps", "stage2_steps",
-                                           "target_bytes_per_patch", "stage1_from", "heldout_fraction",
+                                           "target_bytes_per_patch", "stage1_from", "heldout_fraction", "stage1_share", "stage2_lr",
                                            "data_weights", "snapshot_minutes", *CORPUS_FIELDS)
               if getattr(args, k) is not None}
     if args.output is None and args.source is not None:
         values["output"] = f"runs/{os.path.basename(os.path.normpath(args.source)).removesuffix('.gguf')}-bytes"
     with usage_errors():
         cfg = ConvertConfig(**values, data=list(args.data or []), resume=args.resume, eval=_eval_config(args),
-                            model=_key_values(args.model_set, "--model-set"))
+                            model=_key_values(args.model_set, "--model-set"),
+                            stage1_train=_key_values(args.stage1_set, "--stage1-set"),
+                            stage2_train=_key_values(args.stage2_set, "--stage2-set"))
     torch_threads(args.threads)
     convert(cfg)
     return 0
@@ -474,6 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a learning curve from one run: benchmarks/learning_curve.py)")
     p.add_argument("--model-set", dest="model_set", action="append", metavar="KEY=VALUE",
                    help="a ByteliftConfig field of the new model, e.g. source_prior=false (repeatable)")
+    p.add_argument("--stage1-set", dest="stage1_set", action="append", metavar="KEY=VALUE",
+                   help="a TrainConfig field of stage 1, e.g. lr=1e-3 (repeatable; see `bytelift train`)")
+    p.add_argument("--stage2-set", dest="stage2_set", action="append", metavar="KEY=VALUE",
+                   help="a TrainConfig field of stage 2, e.g. global_lr=5e-5 (repeatable)")
+    p.add_argument("--stage1-share", dest="stage1_share", type=fraction,
+                   help="stage 1's share of the training minutes (default 0.35)")
+    p.add_argument("--stage2-lr", dest="stage2_lr", type=positive_float,
+                   help="stage 2's local learning rate; the global model's is half (default 2e-4)")
     p.add_argument("--stage1-steps", dest="stage1_steps", type=positive_int, help="fixed steps instead of time")
     p.add_argument("--stage2-steps", dest="stage2_steps", type=positive_int, help="fixed steps instead of time")
     p.add_argument("--stage1-from", dest="stage1_from",
@@ -572,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    tune_allocator()  # CPU steps reuse freed memory instead of faulting fresh pages in (bytelift.allocator)
     return run_command(args.func, args, f"bytelift {args.command}")
 
 

@@ -19,6 +19,7 @@ Sections (each optional through its item count):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -136,8 +137,11 @@ def evaluate(
     source_model,
     cfg: EvalConfig | None = None,
     log: Callable[[str], None] = print,
+    heldout: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run every section with item count > 0 on both models; returns the results dict of the report."""
+    """Run every section with item count > 0 on both models; returns the results dict of the report.
+    `heldout`: the held-out documents when the caller has read them already (`heldout_documents(cfg)`,
+    e.g. to refuse a corpus without held-out text before loading any model); read here otherwise."""
     cfg = cfg or EvalConfig()
     byte = ByteScorer(model, batch_positions=cfg.batch_positions)
     source = SourceScorer.for_byte_model(source_model, model, batch_positions=cfg.batch_positions)
@@ -152,17 +156,27 @@ def evaluate(
     for name in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
-        results[name] = SECTIONS[name](byte, source, tok, cfg, results["items"])
+        run = functools.partial(_eval_heldout, texts=heldout) if name == "heldout" else SECTIONS[name]
+        results[name] = run(byte, source, tok, cfg, results["items"])
         results["seconds"][name] = round(time.perf_counter() - start, 1)
         log(f"{name}: {summary_line(name, results[name])} ({results['seconds'][name]} s)")
     return results
 
 
-def _eval_heldout(byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict) -> dict[str, Any]:
-    data = cfg.data or default_heldout_data()
-    texts = T.heldout_texts(data, cfg.heldout_docs, cfg.heldout_bytes, **corpus_options(cfg))
+def heldout_documents(cfg: EvalConfig) -> list[str]:
+    """The held-out documents the held-out section scores (`cfg.data`'s held-out split, or the default
+    corpus's), each cut to `cfg.heldout_bytes`; empty when the corpus holds none."""
+    return T.heldout_texts(cfg.data or default_heldout_data(), cfg.heldout_docs, cfg.heldout_bytes,
+                           **corpus_options(cfg))
+
+
+def _eval_heldout(
+    byte: ByteScorer, source: SourceScorer, tok, cfg: EvalConfig, items: dict, texts: list[str] | None = None
+) -> dict[str, Any]:
+    texts = heldout_documents(cfg) if texts is None else texts
     if not texts:
-        raise ValueError(f"no held-out documents in {data} (held-out fraction {cfg.heldout_fraction})")
+        raise ValueError(f"no held-out documents in {cfg.data or 'the default corpus'} "
+                         f"(held-out fraction {cfg.heldout_fraction})")
     segmented = [s for s in (source_segmentation(tok, t) for t in texts) if s is not None]
     pairs = [(b"", data) for data, _ in segmented]
     items["heldout"] = len(pairs)
