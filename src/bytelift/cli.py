@@ -324,8 +324,8 @@ def _cmd_convert(args) -> int:
 
     values = {k: getattr(args, k) for k in ("source", "output", "budget_minutes", "eval_minutes", "seed",
                                            "window_tokens", "batch_size", "stage1_steps", "stage2_steps",
-                                           "target_bytes_per_patch", "stage1_from", "heldout_fraction", "stage1_share", "stage2_lr",
-                                           "data_weights", "snapshot_minutes", *CORPUS_FIELDS)
+                                           "target_bytes_per_patch", "stage1_from", "heldout_fraction",
+                                           "stage1_share", "stage2_lr", "data_weights", "snapshot_minutes", *CORPUS_FIELDS)
               if getattr(args, k) is not None}
     if args.output is None and args.source is not None:
         values["output"] = f"runs/{os.path.basename(os.path.normpath(args.source)).removesuffix('.gguf')}-bytes"
