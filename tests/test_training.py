@@ -148,6 +148,9 @@ def test_bad_configs(tmp_path):
     cfg = TrainConfig.from_file(cfg_file, max_steps=7)
     assert cfg.stage == 2 and cfg.lr == 0.001 and cfg.global_lr == 0.0005 and cfg.max_steps == 7
     assert cfg.adam_beta2 == 0.95
+    cfg_file.write_text("stage: 2\nlr: 2e-4\nseed: 3\ntext_field: 1e3x\n")  # PyYAML alone reads 2e-4 as a string
+    cfg = TrainConfig.from_file(cfg_file)
+    assert cfg.lr == 2e-4 and cfg.seed == 3 and cfg.text_field == "1e3x"
 
 
 def test_wall_clock_schedule_follows_the_budget(monkeypatch):

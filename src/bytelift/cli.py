@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from bytelift.allocator import tune_allocator
@@ -147,14 +146,12 @@ def _minutes_list(text: str) -> tuple[float, ...]:
     return tuple(positive_float(m.strip()) for m in text.split(",") if m.strip())
 
 
-# A decimal number as Python writes one (1e-3, 2E5, .5): read as a float where YAML 1.1 keeps a string.
-DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
 def _key_values(items: list[str] | None, flag: str) -> dict:
-    """KEY=VALUE options (repeatable) -> {key: YAML-parsed value, a number where Python reads one}; dashes in
-    keys read as underscores."""
+    """KEY=VALUE options (repeatable) -> {key: YAML-parsed value (`configuration.load_yaml`: 1e-3 is a
+    number)}; dashes in keys read as underscores."""
     import yaml
+
+    from bytelift.configuration import load_yaml
 
     values = {}
     for item in items or []:
@@ -162,10 +159,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
         if not sep or not key:
             raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
         with usage_errors(yaml.YAMLError):
-            parsed = yaml.safe_load(value)
-        if isinstance(parsed, str) and DECIMAL.fullmatch(parsed):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            parsed = float(parsed)
-        values[key.replace("-", "_")] = parsed
+            values[key.replace("-", "_")] = load_yaml(value)
     return values
 
 

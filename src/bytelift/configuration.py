@@ -6,7 +6,9 @@ derived from the nested `source_config` (local width = source width, FFN ≈ 1.3
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -138,3 +140,19 @@ def unknown_options(options: Iterable[str]) -> list[str]:
     """The names in `options` that are not ByteliftConfig fields, sorted: PretrainedConfig would keep them as
     silent attributes, so every entry point that takes model options refuses them by name."""
     return sorted(set(options) - set(ByteliftConfig.__annotations__))
+
+
+# YAML 1.1 (PyYAML) reads a float without a dot, such as 1e-3, as a string; YAML 1.2 and Python read a number.
+YAML_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that 1e-3 and its kind are floats: config files and KEY=VALUE options give
+    learning rates that way."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", YAML_EXPONENT_FLOAT, list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader

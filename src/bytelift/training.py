@@ -173,9 +173,9 @@ class TrainConfig:
         """Read a YAML or JSON file; keyword overrides (e.g. from the command line) win."""
         text = Path(path).read_text()
         if str(path).endswith((".yaml", ".yml")):
-            import yaml
+            from bytelift.configuration import load_yaml
 
-            values = yaml.safe_load(text) or {}
+            values = load_yaml(text) or {}
         else:
             values = json.loads(text)
         return cls.from_values({**values, **overrides}, where=f"in {path}")
