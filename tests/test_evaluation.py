@@ -298,6 +298,7 @@ def test_boundary_agreement_hand_values():
     assert r["precision"] == pytest.approx(3 / 4)
     assert r["recall"] == pytest.approx(3 / 3)
     assert r["f1"] == pytest.approx(2 * 0.75 / 1.75)
+    assert r["accuracy"] == pytest.approx(6 / 7)  # one disagreement (position 2 of the first text) in 7
     assert r["bytes_per_patch"] == pytest.approx(9 / (4 + 2))  # + the last byte of each text
     assert r["bytes_per_token"] == pytest.approx(9 / (3 + 2))
 

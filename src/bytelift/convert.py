@@ -160,9 +160,9 @@ class _State:
             self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        from bytelift.training_callbacks import write_json_atomically  # transformers: only once a job runs
+
+        write_json_atomically(self.path, self.data, indent=1, default=str)
 
     def done(self, step: str) -> bool:
         return step in self.data["done"]

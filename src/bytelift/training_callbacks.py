@@ -33,11 +33,11 @@ def latest_complete_checkpoint(output: str | os.PathLike) -> str | None:
     return str(max(done, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):])))
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
+def write_json_atomically(path: Path, payload: dict, indent: int = 2, default=None) -> None:
     """Write `payload` as JSON to `path` through a temporary file: a crash leaves the old file or the new one,
-    never half of one."""
+    never half of one. `default` as in `json.dumps` (e.g. `str` for paths)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json.dumps(payload, indent=indent, default=default))
     os.replace(tmp, path)
 
 

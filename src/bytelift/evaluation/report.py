@@ -40,6 +40,8 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         b = h["boundaries"]
         rows.append(("boundary precision / recall / F1 vs source tokens",
                      f"{b['precision']:.3f} / {b['recall']:.3f} / {b['f1']:.3f}", "–"))
+        if "accuracy" in b:  # reports written before it was measured lack it
+            rows.append(("  per-byte boundary accuracy", f"{b['accuracy']:.4f}", "–"))
         rows.append(("bytes per patch (byteified) / per token (source)", b["bytes_per_patch"], b["bytes_per_token"]))
         if "decoding" in h:
             d = h["decoding"]

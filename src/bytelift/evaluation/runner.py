@@ -98,23 +98,27 @@ def source_segmentation(tokenizer, text: str) -> tuple[bytes, np.ndarray] | None
 
 
 def boundary_agreement(predicted: list[np.ndarray], gold: list[np.ndarray]) -> dict[str, float]:
-    """Precision/recall/F1 of predicted patch ends against source token ends, and bytes per patch/token.
+    """Precision/recall/F1 of predicted patch ends against source token ends, per-byte accuracy of the
+    end/not-end decision (the figure Bolmo reports for its predictor), and bytes per patch/token.
 
     Each pair of (n,) bool arrays covers one text; its last byte ends both a patch and a token by
     definition (the predictor cannot decide it), so it is left out of P/R/F1 and counted as one patch and
     one token."""
-    tp = n_pred = n_gold = 0
+    tp = n_pred = n_gold = agree = 0
     patches = tokens = n_bytes = 0
     for p, g in zip(predicted, gold):
         p, g = p[:-1].astype(bool), g[:-1].astype(bool)
         tp += int((p & g).sum())
+        agree += int((p == g).sum())
         n_pred += int(p.sum())
         n_gold += int(g.sum())
         patches += int(p.sum()) + 1
         tokens += int(g.sum()) + 1
         n_bytes += len(p) + 1
     scores = {k.removeprefix("boundary_"): v for k, v in precision_recall_f1(tp, n_pred, n_gold).items()}
-    return {**scores, "bytes_per_patch": n_bytes / max(patches, 1), "bytes_per_token": n_bytes / max(tokens, 1)}
+    decided = n_bytes - len(predicted)
+    return {**scores, "accuracy": agree / max(decided, 1),
+            "bytes_per_patch": n_bytes / max(patches, 1), "bytes_per_token": n_bytes / max(tokens, 1)}
 
 
 def choice_accuracy(scored: list[list[Scored]], gold: list[int]) -> dict[str, float]:
