@@ -102,6 +102,36 @@ def test_byte_score_of_continuation_only_counts_its_bytes(pair):
     assert batched.logprob == pytest.approx(split.logprob, abs=1e-3)
 
 
+@pytest.mark.parametrize("lookahead", [1, 3])
+def test_byte_score_with_lookahead_reads_the_predictors_flags(pair, lookahead):
+    """The joint log-likelihood of a continuation reads the flags the predictor decides with newline filler
+    after the text (lookahead − 1 of them, not scored) and folds the last byte's; the batch does not matter."""
+    model, _ = pair
+    model = copy.deepcopy(model)
+    model.config.boundary_lookahead = lookahead
+    model.boundary_predictor.lookahead = lookahead
+    ctx, cont = b"The cat", b" sat on it"
+    scorer = ByteScorer(model)
+    got = scorer.score([(ctx, cont)])[0]
+    with torch.no_grad():
+        batch = model.tokenizer([ctx + cont + b"\n" * (lookahead - 1)], return_tensors="pt")
+        out = model(**batch)
+        ids, bm = batch["input_ids"][0], out.boundary_mask[0]
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+        first = 1 + len(ctx)  # position of the first continuation byte (after bos)
+        expected = 0.0
+        for t in range(first, first + len(cont)):
+            plain, fused = logp[t - 1, ids[t]], logp[t - 1, ids[t] + BYTE_VOCAB_SIZE]
+            last = t == first + len(cont) - 1
+            expected += float(torch.logaddexp(plain, fused) if last else (fused if bm[t] else plain))
+    assert got.logprob == pytest.approx(expected, abs=1e-4)
+    assert got.boundaries.tolist() == bm[first : first + len(cont)].tolist()
+    # Filler lets the predictor decide every byte but the last: with lookahead 3 too, some patch ends inside.
+    assert got.boundaries[:-1].any()
+    batched = scorer.score([(ctx, cont), (b"A much longer context than the other one", b" x")])[0]
+    assert batched.logprob == pytest.approx(got.logprob, abs=1e-3)
+
+
 def test_source_bits_per_byte_of_uniform_head(pair, bytelevel_tokenizer):
     model, source = pair
     source = copy.deepcopy(source)

@@ -150,6 +150,84 @@ def test_batched_greedy_equals_alone(model, global_sync):
     assert batch_out.global_steps < int(batch_out.boundaries.sum())
 
 
+def _with_lookahead(model, k):
+    m = copy.deepcopy(model)
+    m.config.boundary_lookahead = k
+    m.boundary_predictor.lookahead = k
+    return m
+
+
+@pytest.mark.parametrize("global_sync", [1.0, 1e-3])
+def test_lookahead_decoding_matches_full_forward(model, global_sync):
+    """With k = 3 bytes of lookahead the last 3 prompt bytes are forced steps whose flags the session's
+    head picks (all of a prompt shorter than that, bos included); every logit the session computes equals the
+    full forward's over the same bytes and boundaries, and the predictor's prompt boundaries are its own."""
+    k = 3
+    m = _with_lookahead(model, k)
+    prompts = ["Hello, world", "", "x", "A longer prompt with several words in it"]
+    batch = m.tokenizer(prompts, padding=True, return_tensors="pt")
+    session = DecodingSession(m, batch["input_ids"], batch["attention_mask"], batch["expanded_ids"],
+                              global_sync=global_sync)
+    B = len(prompts)
+    gen = torch.Generator().manual_seed(2)
+    free = []
+    for r in range(B):
+        n = 6 + 3 * r
+        flags = (torch.rand(n, generator=gen) < 0.35).long()
+        free.append((torch.randint(BYTE_OFFSET, BYTE_VOCAB_SIZE, (n,), generator=gen) + BYTE_VOCAB_SIZE * flags).tolist())
+    got, pointer = [[] for _ in range(B)], [0] * B
+    with torch.inference_mode():
+        logits = session.prefill()
+        for r in range(B):
+            got[r].append(logits[r])
+        symbols = session.forced_symbols(logits)
+        while not bool(session.finished.all()):
+            logits, ready = session.step(symbols)
+            symbols = symbols.clone()
+            for r in range(B):
+                if bool(session.finished[r]):
+                    continue
+                if bool(session.ready[r]):  # computed logits this step (forced or free)
+                    got[r].append(logits[r])
+                if bool(ready[r]):  # asks for its next free symbol
+                    if pointer[r] == len(free[r]):
+                        session.finished[r] = True
+                    else:
+                        symbols[r] = free[r][pointer[r]]
+                        pointer[r] += 1
+        for r in range(B):
+            valid = batch["attention_mask"][r].bool()
+            prompt_ids = batch["input_ids"][r][valid]
+            n, f = len(prompt_ids), min(k, len(prompt_ids))
+            pb = session.prompt_boundaries[r][valid]
+            assert bool(pb[0])  # bos
+            cont = torch.tensor(free[r][: pointer[r]], dtype=torch.long)
+            ids = torch.cat([prompt_ids, cont % BYTE_VOCAB_SIZE])[None]
+            bm = torch.cat([pb, cont >= BYTE_VOCAB_SIZE])[None]
+            full = m(ids, boundary_mask=bm).logits[0]
+            start = n - f - 1  # position of the prefill logits (they predict the first forced byte)
+            step = torch.stack(got[r][1:] if start < 0 else got[r])
+            ref = full[max(start, 0):]
+            assert step.shape == ref.shape, prompts[r]
+            torch.testing.assert_close(step, ref, rtol=0, atol=CACHED_ATOL)
+            pred = m(prompt_ids[None]).boundary_mask[0]
+            assert torch.equal(pred[: n - f], pb[: n - f])
+
+
+@pytest.mark.parametrize("global_sync", [1.0, 0.5])
+def test_lookahead_batched_greedy_equals_alone(model, global_sync):
+    m = _with_lookahead(model, 2)
+    prompts = MIXED_PROMPTS + ["", "y"]
+    out = m.generate(prompts, max_new_bytes=16, return_dict=True, eos=False, global_sync=global_sync,
+                     max_patch_bytes=5)
+    for r, prompt in enumerate(prompts):
+        alone = m.generate([prompt], max_new_bytes=16, return_dict=True, eos=False, max_patch_bytes=5)
+        assert torch.equal(alone.new_ids[0], out.new_ids[r]), prompt
+        assert torch.equal(alone.boundaries[0], out.boundaries[r]), prompt
+        assert torch.equal(alone.prompt_boundaries[0], out.prompt_boundaries[r][-alone.prompt_boundaries.shape[1]:])
+    assert int(out.num_new_bytes.min()) == 16
+
+
 def test_identical_prompts_identical_outputs(model):
     out = model.generate(["same prompt here"] * 8, max_new_bytes=32, return_dict=True, eos=False)
     assert all(torch.equal(out.new_ids[0], row) for row in out.new_ids)

@@ -223,6 +223,38 @@ def test_predictor_marks_bos_and_undecided(bytelevel_tokenizer):
     assert not out.boundary_mask[:, -1].any()
 
 
+@pytest.mark.parametrize("lookahead", [1, 2, 3])
+def test_predictor_reads_exactly_lookahead_bytes_ahead(bytelevel_tokenizer, lookahead):
+    """p_t depends on bytes <= t + k and on byte t + k itself; the last k bytes are undecided."""
+    from bytelift.objectives import decidable_positions
+
+    _, model = build("llama", bytelevel_tokenizer, boundary_lookahead=lookahead)
+    with torch.no_grad():
+        for p in model.boundary_predictor.parameters():  # random projections: a p_t that reads a byte moves with it
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    text = "The quick brown fox jumps"
+    batch = batch_of(model, [text])
+    L = batch["input_ids"].shape[1]
+    t = 6
+    with torch.no_grad():
+        base = model(**batch).boundary_logprobs[0]
+        for pos, moves in ((t + lookahead, True), (t + lookahead + 1, False)):
+            ids = batch["input_ids"].clone()
+            ids[0, pos] = BYTE_OFFSET + ord("#")
+            lp = model(input_ids=ids, attention_mask=batch["attention_mask"]).boundary_logprobs[0]
+            assert bool(lp[t] != base[t]) == moves
+            assert torch.equal(lp[:t], base[:t])  # bytes more than k before the change never move
+    assert (base[L - lookahead :] == UNDECIDED_LOGPROB).all() and (base[1 : L - lookahead] != UNDECIDED_LOGPROB).all()
+    decidable = decidable_positions(batch["attention_mask"].bool(), lookahead)[0]
+    assert decidable.tolist() == [False] + [True] * (L - 1 - lookahead) + [False] * lookahead
+
+
+@pytest.mark.parametrize("bad", [0, 9, 1.5, True])
+def test_boundary_lookahead_is_validated(bytelevel_tokenizer, bad):
+    with pytest.raises(ValueError, match="boundary_lookahead"):
+        build("llama", bytelevel_tokenizer, boundary_lookahead=bad)
+
+
 def test_parameter_counts(bytelevel_tokenizer):
     source, model = build("llama", bytelevel_tokenizer)
     counts = count_parameters(model)

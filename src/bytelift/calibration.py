@@ -51,8 +51,8 @@ def calibrate_boundary_bias(
     While decoding, the head decides each byte's flag from the byte history and its own earlier flags; in
     training it was fitted to the non-causal predictor's boundaries with the predictor's boundaries as
     context, so decoding need not close patches at the trained rate, and a teacher-forced forward does not
-    tell its rate (the decoder's context there holds the predictor's boundaries, one byte of lookahead
-    each). Measured on 8 KB of held-out text, SmolLM2 after the 30-minute `bytelift convert`: the predictor
+    tell its rate (the decoder's context there holds the predictor's boundaries, each read with its
+    lookahead). Measured on 8 KB of held-out text, SmolLM2 after the 30-minute `bytelift convert`: the predictor
     4.83 bytes/patch, decoding at bias 0 5.20; a stage 2 with merged patches: 7.36 and 7.14. So the rate
     is measured where it matters, by teacher-forced *decoding* (`decoding_logprobs`: the text's bytes, the
     head's own flags), and the bias is searched: each trial proposes the threshold that would pass exactly
@@ -73,7 +73,7 @@ def calibrate_boundary_bias(
         expanded = batch.get("expanded_ids")
         out = model(input_ids=ids, attention_mask=mask, expanded_ids=None if expanded is None else expanded.to(device))
         # The predictor's rate over the bytes whose boundary it decides (one byte of lookahead; bos excluded).
-        decidable = decidable_positions(mask)
+        decidable = decidable_positions(mask, model.config.boundary_lookahead)
         patch_ends += int((out.boundary_mask & decidable).sum())
         decided += int(decidable.sum())
         for r in range(ids.shape[0]):

@@ -18,6 +18,9 @@ from bytelift.tokenization import BYTE_VOCAB_SIZE
 # Reference local FFN sizes are 2816 for d=2048 and 5504 for d=4096: 1.375·d, rounded to a multiple of 64.
 LOCAL_FFN_RATIO = 1.375
 LOCAL_FFN_MULTIPLE = 64
+# The predictor decides byte t from bytes <= t + lookahead. Past a few bytes a BPE boundary is nearly
+# determined (benchmarks/boundary_ceiling.py); the cap keeps the rolled-back prompt tail short.
+MAX_BOUNDARY_LOOKAHEAD = 8
 
 
 class ByteliftConfig(PreTrainedConfig):
@@ -37,7 +40,9 @@ class ByteliftConfig(PreTrainedConfig):
         mlstm_gate_soft_cap: gate pre-activations are soft-capped to ±this value.
         mlstm_igate_bias_init: input-gate bias at initialisation (−10 nearly disables the input gate at first).
         boundary_threshold: byte t ends a patch iff p_t > this (reference 0.5).
-        boundary_lookahead: bytes of lookahead of the non-causal boundary predictor (reference 1).
+        boundary_lookahead: bytes of lookahead of the non-causal boundary predictor (reference 1; at most
+            MAX_BOUNDARY_LOOKAHEAD): p_t compares the encoder states at t and t + lookahead, so the last
+            `boundary_lookahead` bytes of a text are undecided and generation rolls that many prompt bytes back.
         boundary_cos_eps: cos is clipped to 1 − eps before log(1 − cos) so log p stays finite (reference 1e-3).
         decode_boundary_bias: added to the head's end-of-patch log-odds while decoding (0: the reference, a
             byte closes its patch iff p(end | byte) > 1/2). Training sets it (`calibrate_boundary_bias`) so
@@ -110,8 +115,9 @@ class ByteliftConfig(PreTrainedConfig):
             self.prior_vocab_rows = src.vocab_size
         if not 0.0 < self.prior_floor < 1.0:
             raise ValueError(f"prior_floor must be in (0, 1), got {self.prior_floor}")
-        if self.boundary_lookahead != 1:
-            raise ValueError("only boundary_lookahead=1 is implemented (the reference value)")
+        if type(self.boundary_lookahead) is not int or not 1 <= self.boundary_lookahead <= MAX_BOUNDARY_LOOKAHEAD:
+            raise ValueError(f"boundary_lookahead must be an integer in [1, {MAX_BOUNDARY_LOOKAHEAD}], "
+                             f"got {self.boundary_lookahead!r}")
 
     @property
     def global_hidden_size(self) -> int:

@@ -4,12 +4,14 @@ batch (DESIGN §3, spec §5.4); `bytelift.generation` chooses the bytes and driv
 Shapes: B batch, L prompt bytes (left-padded), S global KV slots, d_l local width, d_g global width,
 V_b = 260 byte-side ids, 2·V_b = 520 fused outputs (id k + V_b = "symbol k, and it ends a patch").
 
-Prefill (one encoder pass). The predictor needs one byte of lookahead, so the last prompt byte's
-boundary is undecidable: it is rolled back and the first decoding step is *forced* to emit it, the LM
-head choosing only whether it closes a patch. The model input is therefore prompt[:-1]; but the encoder
-is causal, so one pass over the *whole* prompt gives exactly the states of prompt[:-1] at positions
-0..L-2, the lookahead h_{L-1} the predictor needs for position L-2, *and* the encoder step of the forced
-byte (h_{L-1} and the mLSTM state after it). The reference runs the encoder twice; we reuse that pass.
+Prefill (one encoder pass). The predictor reads k = `boundary_lookahead` bytes ahead, so the boundaries
+of the last k prompt bytes are undecidable: they are rolled back and the first k decoding steps of a row
+are *forced* to emit them, the LM head choosing only whether each closes a patch (the session picks those
+flags itself; a row reports itself ready to its caller once its forced bytes are consumed). The model
+input is therefore prompt[:-k]; but the encoder is causal, so one pass over the *whole* prompt gives
+exactly the states of prompt[:-k], the lookahead states the predictor needs, *and* the encoder steps of the
+forced bytes (their outputs, kept for the forced steps, and the mLSTM state after the last one). The
+reference runs the encoder twice; we reuse that pass.
 
 Decoding, per byte: one encoder step and one decoder step (recurrent mLSTM, S = 1), and a global step
 (one new KV slot) when a patch closed. Boundaries while decoding come from the head's fused ids.
@@ -236,6 +238,7 @@ class DecodingSession:
             raise ValueError("every prompt needs at least one byte (bos) and the batch must be left-padded")
         if int(input_ids.max()) >= BYTE_VOCAB_SIZE or int(input_ids.min()) < 0:
             raise ValueError(f"input_ids must lie in [0, {BYTE_VOCAB_SIZE}); un-fuse them first")
+        self.lookahead = model.config.boundary_lookahead
         self.input_ids, self.mask = input_ids, mask
         self.expanded_ids = model.expand(input_ids, mask) if expanded_ids is None else expanded_ids
         self.expander = model.tokenizer.expander
@@ -248,7 +251,12 @@ class DecodingSession:
         self.waiting = torch.zeros(B, dtype=torch.bool, device=self.device)
         self.rows = torch.arange(B, device=self.device)
         self.global_steps = 0
-        self._first = True
+        self.boundary_bias = 0.0  # for the flags of forced prompt bytes (`forced_symbols` sets it)
+        self._first_step = True
+        self._forcing = True  # some row still has forced prompt bytes to consume (steps skip the work after)
+        # Keep `open_patch` (bytes of each row's open patch) up to date at every step; generation asks for it
+        # when it caps patch lengths, other callers leave the step its few operations lighter.
+        self.count_patch_bytes = False
         self.use_prior = bool(model.config.source_prior)
         self.trie = model.token_trie if self.use_prior else None
         self.prior_cumsums: torch.Tensor | None = None  # (A, T+1) float64
@@ -257,13 +265,15 @@ class DecodingSession:
     # --- prefill ---------------------------------------------------------------------------------------
 
     def prefill(self) -> torch.Tensor:
-        """Encoder + predictor over the prompt, global model over its patches, decoder over prompt[:-1].
+        """Encoder + predictor over the prompt, global model over its patches, decoder over prompt[:-k].
 
         Returns:
-            (B, 2·V_b) logits at the last model-input position (they predict the last prompt byte).
+            (B, 2·V_b) logits at the last model-input position (they predict the first forced byte).
         """
         model, ids, mask = self.model, self.input_ids, self.mask
         B, L = ids.shape
+        k = self.lookahead
+        n = max(L - k, 0)  # model-input length
         enc, dec = model.encoder, model.decoder
         # The local stacks' decoding matrices, gathered once for the whole run (see LocalBlock.step), and
         # the decoder's input projection and the head in the layout a one-row product reads fastest (see
@@ -274,18 +284,26 @@ class DecodingSession:
         # One pass over the whole prompt (see the module docstring): h (B, L, d_l), states after byte L-1.
         h, self.enc_states = enc(ids, self.expanded_ids, mask=mask)
         logp = model.boundary_predictor(h, mask)
-        boundary = model.predict_boundaries(logp, mask, ids)[:, : L - 1]  # position L-1 is undecided
-        self.prompt_boundaries = torch.cat([boundary, torch.zeros_like(mask[:, :1])], dim=1)
-        self.h_last = h[:, -1]  # the encoder output of the forced byte, already computed
-        # Rows whose prompt is only bos: their one byte is the forced byte and always ends a patch.
-        self.bos_only = mask.sum(dim=1) == 1
+        boundary = model.predict_boundaries(logp, mask, ids)[:, :n]  # the last k are undecided
+        self.prompt_boundaries = torch.cat([boundary, torch.zeros_like(mask[:, n:])], dim=1)
+        # The forced bytes: prompt columns n..L-1, their encoder outputs already computed. A row with at
+        # most k bytes has padding there: its forced bytes start at its first byte (`forced_next`).
+        short = k - (L - n)  # a prompt batch shorter than k: its forced columns start with padding
+        self.forced_ids = F.pad(ids[:, n:], (short, 0), value=PAD_ID)
+        self.forced_h = F.pad(h[:, n:], (0, 0, short, 0))
+        self.forced_next = (k - mask[:, n:].sum(dim=1)).long()  # (B,) next forced column (k: none left)
+        self.forced_pending = torch.zeros(B, dtype=torch.long, device=self.device)  # its chosen symbol
+        self.h_last = h[:, -1]
         width = max(self.expander.max_token_len, 1)
         prompt = np.where(mask.cpu().numpy(), ids.cpu().numpy(), PAD_ID)[:, -width:]
         self.history = np.full((B, width), PAD_ID, dtype=np.int64)
         self.history[:, width - prompt.shape[1] :] = prompt
 
-        counts = boundary.sum(dim=1)  # (B,) prompt patches (excluding the forced byte's)
-        P = int(counts.max()) if L > 1 else 0
+        counts = boundary.sum(dim=1)  # (B,) prompt patches (excluding the forced bytes')
+        # Bytes of each row's open patch in the model input (after its last boundary there).
+        last = torch.where(boundary, torch.arange(n, device=self.device), -1).amax(dim=1) if n else counts - 1
+        self.open_patch = torch.where(counts > 0, n - 1 - last, 0).long()
+        P = int(counts.max()) if n else 0
         if self.max_patches is not None and P > self.max_patches:
             raise ContextError(
                 f"the prompt has {P} patches but the global model's context holds {self.max_patches}; "
@@ -308,7 +326,7 @@ class DecodingSession:
 
         # Left-pad the patch axis: slot s of row r holds its patch s - offset_r (the reference does the
         # same), so that with parking the cache has no holes after these slots.
-        patches, _, _ = _pool_left(h[:, : L - 1], boundary, P)
+        patches, _, _ = _pool_left(h[:, :n], boundary, P)
         offset = P - counts  # (B,)
         slots = torch.arange(P, device=self.device)[None, :]
         valid = slots >= offset[:, None]
@@ -316,29 +334,49 @@ class DecodingSession:
         position_ids = (slots - offset[:, None]).clamp(min=0)
         g = self._run_global(patches, position_ids)  # (B, P, d_g)
 
-        # Decoder over prompt[:-1]: byte t reads the row's latest patch that ended at or before t.
+        # Decoder over prompt[:-k]: byte t reads the row's latest patch that ended at or before t.
         index = (boundary.long().cumsum(dim=1) - 1 + offset[:, None]).clamp(0, P - 1)
-        z = dec.depool(h[:, : L - 1], g, index)
-        x, self.dec_states = dec(z, mask=mask[:, : L - 1])
+        z = dec.depool(h[:, :n], g, index)
+        x, self.dec_states = dec(z, mask=mask[:, :n])
         self.g_last = self._depool_global(g[:, -1])  # every row's latest prompt patch sits in slot P-1
         if self.use_prior:
             self.prior_cumsums = self._prior_cumsums(g[:, -1])
-            self.prior_node = self.trie.prefix_nodes(ids[:, : L - 1], boundary, mask[:, : L - 1])[:, -1]
+            self.prior_node = self.trie.prefix_nodes(ids[:, :n], boundary, mask[:, :n])[:, -1]
         return self._with_prior(self._head(x[:, -1]))
 
     def forced_symbols(self, logits: torch.Tensor, boundary_bias: float = 0.0) -> torch.Tensor:
-        """The first step's symbols: the last prompt byte, fused iff the head says it closes a patch.
+        """The first step's symbols: each row's first forced prompt byte, fused iff the head says it closes a
+        patch. The first `step` consumes whatever symbols its caller passes (a teacher-forcing caller may
+        choose the flags); the session picks the later forced bytes' flags itself, as here, with this
+        `boundary_bias`.
 
         Args:
             logits: (B, 2·V_b) from `prefill`.
         Returns:
-            (B,) fused ids; a bos-only prompt's byte always closes its patch.
+            (B,) fused ids; a row's first byte (bos, when the whole prompt is forced) always closes its patch.
         """
-        last = self.input_ids[:, -1]
-        logodds = logits.gather(1, (last + BYTE_VOCAB_SIZE)[:, None])[:, 0] - logits.gather(1, last[:, None])[:, 0]
-        flag = (logodds.float() + boundary_bias > 0) | self.bos_only
-        self.prompt_boundaries[:, -1] = flag
-        return fuse(last, flag)
+        self.boundary_bias = boundary_bias
+        self._choose_forced(logits, torch.ones_like(self.ready))
+        return self.forced_pending.clone()
+
+    def _choose_forced(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
+        """For `rows` (A,) bool, whose next byte is a forced prompt byte: its symbol, the flag from `logits`
+        (A, 2·V_b) as the head says (with the session's boundary bias), kept in `forced_pending`."""
+        col = self.forced_next.clamp(max=self.lookahead - 1)
+        byte = self.forced_ids.gather(1, col[:, None])[:, 0]
+        logodds = logits.gather(1, (byte + BYTE_VOCAB_SIZE)[:, None])[:, 0] - logits.gather(1, byte[:, None])[:, 0]
+        column = col + self.input_ids.shape[1] - self.lookahead  # in the prompt (< 0: padding before it)
+        # A forced byte at a row's first column is its bos, which always starts (and with k = 1 ends) a patch.
+        first = self.mask[self.rows].long().argmax(dim=1) == column
+        flag = (logodds.float() + self.boundary_bias > 0) | first
+        symbol = fuse(byte, flag)
+        self.forced_pending = torch.where(rows, symbol, self.forced_pending)
+        b, c = self.rows[rows], column[rows]
+        self.prompt_boundaries[b, c] = flag[rows]
+
+    def open_patch_bytes(self) -> torch.Tensor:
+        """(B,) bytes of each row's open patch consumed so far (prompt bytes included; 0 for dropped rows)."""
+        return torch.zeros_like(self.ready, dtype=torch.long).index_copy_(0, self.rows, self.open_patch)
 
     # --- one decoding step -----------------------------------------------------------------------------
 
@@ -366,13 +404,30 @@ class DecodingSession:
         # All rows active (always at batch 1) is the common case: no mask then, so the mLSTM steps skip
         # their masking work (a mask of all True computes exactly the same).
         all_fresh = bool(fresh.all())
+        forced = None
+        if self._forcing:
+            forced = fresh & (self.forced_next < self.lookahead)  # consuming a forced prompt byte
+            if not bool(forced.any()):
+                forced = None
+        if forced is not None:  # the prefill pass already ran the encoder over those bytes
+            if not self._first_step:  # the caller gives the first step's symbols (e.g. `forced_symbols`)
+                symbols = torch.where(forced, self.forced_pending, symbols)
+            col = self.forced_next.clamp(max=self.lookahead - 1)
+            h = self.forced_h.gather(1, col[:, None, None].expand(-1, 1, self.forced_h.shape[-1]))[:, 0]
+            self.h_last = torch.where(forced[:, None], h, self.h_last)
+            self.forced_next = self.forced_next + forced.long()
+        self._first_step = False
         flag = symbols >= BYTE_VOCAB_SIZE
         byte = symbols.remainder(BYTE_VOCAB_SIZE)
-        if self._first:  # the prefill pass already ran the encoder over the forced byte
-            self._first = False
-        else:
+        if forced is None:
             h = self._encoder_step(byte, fresh, all_fresh)
             self.h_last = h if all_fresh else torch.where(fresh[:, None], h, self.h_last)
+        elif not bool(forced.all()):
+            encode = fresh & ~forced
+            h = self._encoder_step(byte, encode)
+            self.h_last = torch.where(encode[:, None], h, self.h_last)
+        if self.count_patch_bytes:
+            self.open_patch = torch.where(fresh, torch.where(flag, 0, self.open_patch + 1), self.open_patch)
         if self.use_prior:
             advanced = self.trie.advance(self.prior_node, byte, flag)
             self.prior_node = advanced if all_fresh else torch.where(fresh, advanced, self.prior_node)
@@ -384,11 +439,22 @@ class DecodingSession:
         mask = None if bool(ready.all()) else ready
         x, self.dec_states = model.decoder.layers.step(z, self.dec_states, mask=mask, weights=self.dec_weights)
         logits = self._with_prior(self._head(x))  # (A, 2·V_b)
+        # Rows whose next byte is still a forced prompt byte: the session picks its flag now and the row
+        # is not ready for its caller (its next step consumes the forced symbol whatever the caller passes).
+        external = ready
+        if self._forcing:
+            left = self.forced_next < self.lookahead
+            self._forcing = bool(left.any())
+            forcing = ready & left
+            if bool(forcing.any()):
+                self._choose_forced(logits, forcing)
+                external = ready & ~forcing
         if everyone:
             self.ready = ready
-            return logits, ready
+            return logits, external
         self.ready = torch.zeros_like(self.ready).index_copy_(0, rows, ready)
-        return logits.new_zeros(B, logits.shape[1]).index_copy_(0, rows, logits), self.ready
+        return (logits.new_zeros(B, logits.shape[1]).index_copy_(0, rows, logits),
+                torch.zeros_like(self.ready).index_copy_(0, rows, external))
 
     def _drop_finished(self) -> None:
         """Remove finished rows from the computed batch: every per-row state keeps the unfinished rows.
@@ -408,6 +474,9 @@ class DecodingSession:
 
         self.enc_states, self.dec_states = select(self.enc_states), select(self.dec_states)
         self.h_last, self.g_last = self.h_last[idx], self.g_last[idx]
+        self.forced_ids, self.forced_h = self.forced_ids[idx], self.forced_h[idx]
+        self.forced_next, self.forced_pending = self.forced_next[idx], self.forced_pending[idx]
+        self.open_patch = self.open_patch[idx]
         self.n_patches, self.waiting, self.kv_mask = self.n_patches[idx], self.waiting[idx], self.kv_mask[idx]
         self.history = self.history[idx.cpu().numpy()]
         if self.use_prior:

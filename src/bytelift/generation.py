@@ -54,9 +54,10 @@ class GenerateOutput:
     sequences: (B, L + T) the prompt as given (left-padded) followed by the new byte ids (un-fused;
         eos included when it stopped the row), right-padded with PAD_ID; T = the longest row's new bytes.
     new_ids: (B, T) the new byte ids alone, right-padded with PAD_ID.
-    num_new_bytes: (B,) new ids per row (the forced last prompt byte is prompt, not new).
+    num_new_bytes: (B,) new ids per row (the forced prompt bytes are prompt, not new).
     boundaries: (B, T) bool, new byte t closed a patch.
-    prompt_boundaries: (B, L) bool, the prompt's boundaries (predictor; the last byte's by the head).
+    prompt_boundaries: (B, L) bool, the prompt's boundaries (predictor; the last `boundary_lookahead` bytes'
+        by the head).
     texts: the new bytes of each row decoded as UTF-8 (invalid bytes replaced, specials dropped).
     global_steps: how many times the global model ran while decoding (prefill excluded).
     """
@@ -201,7 +202,7 @@ class ByteliftGenerationMixin:
         if boundary_bias is None:
             boundary_bias = self.config.decode_boundary_bias
         input_ids, attention_mask, expanded_ids = self._prepare_prompts(input_ids, attention_mask, expanded_ids)
-        B, L = input_ids.shape
+        B = input_ids.shape[0]
         device = input_ids.device
         session = DecodingSession(self, input_ids, attention_mask, expanded_ids, global_sync=global_sync)
         state = {} if state is None else state
@@ -243,22 +244,17 @@ class ByteliftGenerationMixin:
                 history = torch.cat([torch.full((B, max_new_bytes), PAD_ID, dtype=torch.long, device=device),
                                      torch.where(session.mask, input_ids, PAD_ID)], dim=1)
             sink = torch.full((B,), max_new_bytes, dtype=torch.long, device=device)
-            patch_len = None
             if max_patch_bytes is not None:
                 if max_patch_bytes < 1:
                     raise ValueError(f"max_patch_bytes must be >= 1, got {max_patch_bytes}")
-                # Bytes of each row's open patch, the forced byte included: after its last prompt boundary.
-                pb = session.prompt_boundaries
-                last = torch.where(pb, torch.arange(L, device=device), -1).max(dim=1).values
-                patch_len = (L - 1 - last).long()
+                session.count_patch_bytes = True
 
             while True:
                 logits, ready = session.step(symbols)
                 byte, flag = choose_symbols(logits, banned, processors, history, do_sample, generators, boundary_bias,
                                             ready)
-                if patch_len is not None:  # a patch reaching max_patch_bytes closes at its last byte
-                    flag |= patch_len + 1 >= max_patch_bytes
-                    patch_len = torch.where(ready, torch.where(flag, 0, patch_len + 1), patch_len)
+                if max_patch_bytes is not None:  # a patch reaching max_patch_bytes closes at its last byte
+                    flag |= session.open_patch_bytes() + 1 >= max_patch_bytes
                 col = torch.where(ready, counts, sink)[:, None]
                 out.scatter_(1, col, byte[:, None])
                 flags.scatter_(1, col, flag[:, None])

@@ -184,7 +184,9 @@ class LocalEncoder(nn.Module):
 
 
 class BoundaryPredictor(nn.Module):
-    """Non-causal boundary predictor with one byte of lookahead: p_t = (1 − cos(W_q h_t, W_k h_{t+1})) / 2."""
+    """Non-causal boundary predictor with k = `boundary_lookahead` bytes of lookahead:
+    p_t = (1 − cos(W_q h_t, W_k h_{t+k})) / 2. The encoder is causal, so h_{t+k} summarises the bytes up to
+    t + k: the decision at t reads k bytes past it (the reference: k = 1)."""
 
     def __init__(self, config: ByteliftConfig):
         super().__init__()
@@ -192,6 +194,7 @@ class BoundaryPredictor(nn.Module):
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.cos_eps = config.boundary_cos_eps
+        self.lookahead = config.boundary_lookahead
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Boundary log-probabilities.
@@ -200,19 +203,30 @@ class BoundaryPredictor(nn.Module):
             h: (B, L, d_l) encoder output.
             mask: (B, L) bool, valid bytes.
         Returns:
-            (B, L) float32 log p_t. The first valid byte of each row (bos) gets log 1 = 0; bytes whose next
-            byte is not valid (the last byte, right padding) and padding get UNDECIDED_LOGPROB.
+            (B, L) float32 log p_t. The first valid byte of each row (bos) gets log 1 = 0; bytes without k
+            valid bytes after them (the last k of a row, right padding) and padding get UNDECIDED_LOGPROB.
         """
-        q = F.normalize(self.q_proj(h[:, :-1]).float(), dim=-1)
-        k = F.normalize(self.k_proj(h[:, 1:]).float(), dim=-1)
-        cos = (q * k).sum(-1).clamp(max=1 - self.cos_eps)
-        logp = torch.log1p(-cos) - math.log(2.0)
-        logp = F.pad(logp, (0, 1), value=UNDECIDED_LOGPROB)
-        decidable = mask & F.pad(mask[:, 1:], (0, 1), value=False)
+        k, L = self.lookahead, h.shape[1]
+        if L > k:
+            q = F.normalize(self.q_proj(h[:, :-k]).float(), dim=-1)
+            key = F.normalize(self.k_proj(h[:, k:]).float(), dim=-1)
+            cos = (q * key).sum(-1).clamp(max=1 - self.cos_eps)
+            logp = F.pad(torch.log1p(-cos) - math.log(2.0), (0, k), value=UNDECIDED_LOGPROB)
+        else:
+            logp = h.new_full(mask.shape, UNDECIDED_LOGPROB, dtype=torch.float32)
+        decidable = mask & lookahead_valid(mask, k)
         logp = torch.where(decidable, logp, torch.full_like(logp, UNDECIDED_LOGPROB))
         first = _first_valid(mask)
         is_first = torch.arange(mask.shape[1], device=mask.device)[None, :] == first[:, None]
         return torch.where(is_first & mask, torch.zeros_like(logp), logp)
+
+
+def lookahead_valid(mask: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """(B, L) valid -> (B, L) bool: byte t + lookahead is valid (a row's valid bytes are contiguous, so then
+    every byte between is too)."""
+    if mask.shape[1] <= lookahead:
+        return torch.zeros_like(mask)
+    return F.pad(mask[:, lookahead:], (0, lookahead), value=False)
 
 
 class LocalDecoder(nn.Module):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bytelift.losses import (
@@ -29,7 +28,7 @@ from bytelift.losses import (
     target_logprobs,
     teacher_logprobs,
 )
-from bytelift.modeling import ByteliftForCausalLM, depool_index, fused_labels, pool_patches
+from bytelift.modeling import ByteliftForCausalLM, depool_index, fused_labels, lookahead_valid, pool_patches
 from bytelift.prior import add_prior
 
 # The encoder loss compares hidden states after this many global layers (reference: layer 4).
@@ -79,10 +78,11 @@ def hidden_after_layer(
     return captured["h"], out
 
 
-def decidable_positions(mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) valid -> (B, L) positions whose boundary is learnable: valid, with a valid next byte
-    (lookahead), and not the first byte of the row (bos is a boundary by construction)."""
-    nxt = F.pad(mask[:, 1:], (0, 1), value=False)
+def decidable_positions(mask: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """(B, L) valid -> (B, L) positions whose boundary is learnable: valid, with `lookahead` valid bytes after
+    them (what the predictor reads, `config.boundary_lookahead`), and not the first byte of the row (bos is
+    a boundary by construction)."""
+    nxt = lookahead_valid(mask, lookahead)
     first = mask.long().argmax(dim=1)
     not_first = torch.arange(mask.shape[1], device=mask.device)[None, :] != first[:, None]
     return mask & nxt & not_first
@@ -265,7 +265,7 @@ class Stage1Objective(nn.Module):
         distill = distillation_loss(
             logp, lp, batch["patch_ids"], patch_ends, patch_mask, y, ws, token_mask, temperature=self.temperature
         )
-        decidable = decidable_positions(mask)
+        decidable = decidable_positions(mask, m.config.boundary_lookahead)
         bnd = boundary_loss(boundary_logprobs, boundary, decidable)
 
         w = self.weights
@@ -305,7 +305,7 @@ class Stage2Objective(nn.Module):
             labels=batch["labels"],
         )
         gold = batch["boundary_labels"].bool() & mask
-        decidable = decidable_positions(mask)
+        decidable = decidable_positions(mask, m.config.boundary_lookahead)
         bnd = boundary_loss(out.boundary_logprobs, gold, decidable)
         loss = self.weights.ce * out.loss + self.weights.boundary * bnd
         result = {"loss": loss, "ce_loss": out.loss, "boundary_loss": bnd}

@@ -190,7 +190,8 @@ class TokenTrie:
     ) -> torch.Tensor:
         """Add the boundaries the vocabulary forces: byte t ends its patch when the patch's bytes up to t,
         followed by byte t+1, are a prefix of no source token (a token containing them does not exist, so
-        the source's tokenization ends a token at t). Uses one byte of lookahead, like the predictor.
+        the source's tokenization ends a token at t). Uses one byte of lookahead (the predictor reads at
+        least that far).
 
         With `back_to_token` the forced boundary goes instead to the last byte of the patch (up to t) where the
         patch so far is a whole token, when there is one: the patch then is a token, which the prior can end

@@ -391,7 +391,7 @@ class ByteliftTrainer(Trainer):
             mask = batch["attention_mask"].bool()
             h, _ = model.encoder(batch["input_ids"], batch["expanded_ids"], mask=mask)
             logp = model.boundary_predictor(h, mask)
-            decidable = decidable_positions(mask)
+            decidable = decidable_positions(mask, model.config.boundary_lookahead)
             logps.append(logp[decidable].cpu())
             golds.append(batch["boundary_labels"].bool()[decidable].cpu())
         model.train(was_training)
@@ -451,7 +451,8 @@ def evaluate_heldout(model: ByteliftForCausalLM, batches, teacher_forced: bool, 
         nll_bits += float(-(lp * is_byte).sum()) / math.log(2)
         n_bytes += int(is_byte.sum())
         pred = model.predict_boundaries(out.boundary_logprobs, mask, batch["input_ids"])
-        for k, c in enumerate(boundary_counts(pred, gold, decidable_positions(mask))):
+        decidable = decidable_positions(mask, model.config.boundary_lookahead)
+        for k, c in enumerate(boundary_counts(pred, gold, decidable)):
             counts[k] += c
     model.train(was_training)
     return {"bits_per_byte": nll_bits / max(n_bytes, 1), **precision_recall_f1(*counts), "bytes": float(n_bytes)}

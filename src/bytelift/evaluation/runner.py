@@ -102,8 +102,8 @@ def boundary_agreement(predicted: list[np.ndarray], gold: list[np.ndarray]) -> d
     end/not-end decision (the figure Bolmo reports for its predictor), and bytes per patch/token.
 
     Each pair of (n,) bool arrays covers one text; its last byte ends both a patch and a token by
-    definition (the predictor cannot decide it), so it is left out of P/R/F1 and counted as one patch and
-    one token."""
+    definition (the predictor cannot decide it; `ByteScorer.score` appends filler so that it decides all the
+    others whatever its lookahead), so it is left out of P/R/F1 and counted as one patch and one token."""
     tp = n_pred = n_gold = agree = 0
     patches = tokens = n_bytes = 0
     for p, g in zip(predicted, gold):

@@ -16,6 +16,9 @@ decoder's context at t already holds M_t, which the non-causal predictor derived
 conditions each byte on one bit of its own future (spec §3.3, "not an exact marginal") and flatters the
 figure. We report the folded figure too (`logprob_folded`), but the headline is the joint. The last
 byte's flag is never read by a later byte, so there folding is exact and we fold.
+With k = `boundary_lookahead` > 1 the predictor cannot decide the flags of a text's last k bytes; as the
+reference's evaluator does, we append k − 1 newlines (`LOOKAHEAD_FILLER`, not scored) so that it decides all
+but the last scored byte's, which is folded as above.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ DEFAULT_BATCH_POSITIONS = 8192
 # Contexts are cut from the left to fit this many bytes (long LAMBADA/held-out texts; both models see
 # the same bytes).
 DEFAULT_MAX_BYTES = 4096
+# Appended (boundary_lookahead − 1 times, not scored) after a scored text so that the predictor decides the
+# flags of all but its last byte; a newline, as the reference's evaluator: it starts a new pretoken in the
+# common tokenizers, so the byte before it usually ends a token, as at the end of a sentence or line.
+LOOKAHEAD_FILLER = b"\n"
 # Rows decoded together by `score_decoding` (a decoding step costs about as much for 1 row as for a few).
 DEFAULT_DECODING_BATCH = 16
 # The looping check (`find_loop`): a text loops when some LOOP_SPAN-byte string occurs LOOP_REPEATS times
@@ -138,16 +145,16 @@ def find_loop(data: bytes, span: int = LOOP_SPAN, repeats: int = LOOP_REPEATS,
     return None
 
 
-def _joint_logprobs(logits: torch.Tensor, ids: torch.Tensor, boundary: torch.Tensor):
+def _joint_logprobs(logits: torch.Tensor, ids: torch.Tensor, boundary: torch.Tensor, filler: int = 0):
     """Per-position log-probabilities of the next byte with its end-of-patch flag.
 
     Args:
         logits: (b, L, 2·V_b) fused logits; ids: (b, L) byte ids, left-padded (every text ends at L-1);
-        boundary: (b, L) bool, the patch ends the model used.
+        boundary: (b, L) bool, the patch ends the model used; filler: bytes appended after each scored text.
     Returns:
         logp (b, L-1, 2·V_b) log-softmax (position t predicts ids[:, t+1]); joint (b, L-1): the fused or
-        plain id as the boundaries say, except the last byte, whose flag is undecidable and never read
-        (folded there); folded (b, L-1): plain + fused.
+        plain id as the boundaries say, except the last scored byte, whose flag is undecidable and never
+        read by a scored byte (folded there); folded (b, L-1): plain + fused.
     """
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nxt = ids[:, 1:]
@@ -155,7 +162,7 @@ def _joint_logprobs(logits: torch.Tensor, ids: torch.Tensor, boundary: torch.Ten
     fused = logp.gather(-1, (nxt + BYTE_VOCAB_SIZE)[..., None])[..., 0]
     folded = torch.logaddexp(plain, fused)
     joint = torch.where(boundary[:, 1:].bool(), fused, plain)
-    joint[:, -1] = folded[:, -1]
+    joint[:, -1 - filler] = folded[:, -1 - filler]
     return logp, joint, folded
 
 
@@ -181,21 +188,24 @@ class ByteScorer:
         """Log-likelihood of each continuation given its context (bos + context + continuation)."""
         items = [(ctx + cont, len(cont)) for ctx, cont in _clipped(pairs, self.max_bytes)]
         results: list[Scored | None] = [None] * len(items)
-        for group in _batches([len(t) + 1 for t, _ in items], self.batch_positions):
-            batch = self._encode([items[i][0] for i in group])
+        filler = self.model.config.boundary_lookahead - 1  # see the module docstring
+        for group in _batches([len(t) + 1 + filler for t, _ in items], self.batch_positions):
+            batch = self._encode([items[i][0] + LOOKAHEAD_FILLER * filler for i in group])
             out = self.model(**batch)
             ids = batch["input_ids"]  # (b, L), left-padded: every text ends at position L-1
-            logp, joint, folded = _joint_logprobs(out.logits, ids, out.boundary_mask)
+            logp, joint, folded = _joint_logprobs(out.logits, ids, out.boundary_mask, filler)
+            end = joint.shape[1] - filler  # joint[:, end-n:end] predicts the n continuation bytes
             nxt = ids[:, 1:]
             # The byte the model would pick: argmax of the folded 256 byte probabilities.
             byte_logp = torch.logaddexp(logp[..., BYTE_OFFSET:BYTE_VOCAB_SIZE], logp[..., BYTE_VOCAB_SIZE + BYTE_OFFSET:])
             hit = (byte_logp.argmax(-1) + BYTE_OFFSET) == nxt
-            predicted = out.boundary_mask.cpu().numpy()
+            predicted = out.boundary_mask[:, 1:].cpu().numpy()  # aligned with joint: byte t+1 at t
             for row, i in enumerate(group):
                 n = items[i][1]
+                span = slice(end - n, end)
                 results[i] = Scored(
-                    logprob=float(joint[row, -n:].sum()), logprob_folded=float(folded[row, -n:].sum()),
-                    n_bytes=n, greedy=bool(hit[row, -n:].all()), boundaries=predicted[row, -n:].copy(),
+                    logprob=float(joint[row, span].sum()), logprob_folded=float(folded[row, span].sum()),
+                    n_bytes=n, greedy=bool(hit[row, span].all()), boundaries=predicted[row, span].copy(),
                 )
         return results  # type: ignore[return-value]
 
