@@ -16,7 +16,7 @@ import torch
 
 from bytelift.evaluation import tasks as T
 from bytelift.evaluation.runner import choice_accuracy, source_segmentation
-from bytelift.evaluation.scoring import ByteScorer, Scored, _joint_logprobs
+from bytelift.evaluation.scoring import ByteScorer, Scored, _joint_logprobs, token_end_boundaries
 from bytelift.modeling import ByteliftForCausalLM
 
 
@@ -34,11 +34,7 @@ def main() -> None:
                 segs = [source_segmentation(tok, d.context + c) for c in d.choices]
                 batch = tok([s[0] for s in segs], padding=True, return_tensors="pt")
                 ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-                L = ids.shape[1]
-                boundary = torch.zeros_like(mask)
-                for r, (_, ends) in enumerate(segs):  # right-aligned (left padding), bos a boundary
-                    boundary[r, L - len(ends):] = torch.as_tensor(ends)
-                    boundary[r, L - len(ends) - 1] = True
+                boundary = token_end_boundaries([ends for _, ends in segs], mask)
                 out = model(**batch, boundary_mask=boundary)
                 _, joint, _ = _joint_logprobs(out.logits, ids, boundary)
                 row = []

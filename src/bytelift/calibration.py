@@ -72,7 +72,7 @@ def calibrate_boundary_bias(
         mask = batch["attention_mask"].to(device).bool()
         expanded = batch.get("expanded_ids")
         out = model(input_ids=ids, attention_mask=mask, expanded_ids=None if expanded is None else expanded.to(device))
-        # The predictor's rate over the bytes whose boundary it decides (one byte of lookahead; bos excluded).
+        # The predictor's rate over the bytes whose boundary it decides (its lookahead read; bos excluded).
         decidable = decidable_positions(mask, model.config.boundary_lookahead)
         patch_ends += int((out.boundary_mask & decidable).sum())
         decided += int(decidable.sum())

@@ -166,6 +166,23 @@ def _joint_logprobs(logits: torch.Tensor, ids: torch.Tensor, boundary: torch.Ten
     return logp, joint, folded
 
 
+def token_end_boundaries(ends: Sequence[np.ndarray], mask: torch.Tensor) -> torch.Tensor:
+    """The source's token ends as patch boundaries of a left-padded batch of bos + text rows.
+
+    Args:
+        ends: per row, (n,) bool token ends of its text (`runner.source_segmentation`).
+        mask: (b, L) valid bytes of the encoded rows (every text ends at L-1).
+    Returns:
+        (b, L) bool: each row's ends right-aligned, and its bos a boundary.
+    """
+    L = mask.shape[1]
+    boundary = torch.zeros_like(mask, dtype=torch.bool)
+    for row, e in enumerate(ends):  # per text, not per byte
+        boundary[row, L - len(e) :] = torch.as_tensor(e, device=mask.device)
+        boundary[row, L - len(e) - 1] = True  # bos
+    return boundary
+
+
 class ByteScorer:
     """`score` / `generate` for a ByteliftForCausalLM (its attached tokenizer does the byte ids)."""
 
@@ -229,12 +246,8 @@ class ByteScorer:
         for group in _batches([len(data) + 1 for data, _ in segmented], self.batch_positions):
             batch = self._encode([segmented[i][0] for i in group])
             ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-            B, L = ids.shape
-            boundary = torch.zeros_like(mask)
-            for row, i in enumerate(group):  # per text, not per byte: its ends, right-aligned (left padding)
-                ends = torch.as_tensor(segmented[i][1], device=self.device)
-                boundary[row, L - len(ends) :] = ends
-                boundary[row, L - len(ends) - 1] = True  # bos
+            B = ids.shape[0]
+            boundary = token_end_boundaries([segmented[i][1] for i in group], mask)
             # A position scores only if it and its next byte are real (not bos's left padding).
             scored = mask[:, :-1] & mask[:, 1:]
             parts = {}
