@@ -14,6 +14,7 @@ from bytelift.cli import main
 from bytelift.convert import STATE_FILE, ConvertConfig, convert
 from bytelift.evaluation.runner import EvalConfig
 from bytelift.evaluation.tasks import SAMPLE_PROMPTS
+from bytelift.evaluation.timing import section_items
 from tests.tiny_models import tiny_source
 
 WORDS = "the quick brown fox jumps over lazy dog and cat while birds sing in trees near river bank".split()
@@ -55,6 +56,11 @@ def test_convert_end_to_end(tiny_job):
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["items"]["lambada"] == 2 and "bits_per_byte_ratio" in report["heldout"]
     assert report["items"]["loops"] == len(SAMPLE_PROMPTS) == len(report["loops"]["samples"])
+    # The reserve's cost model counts the items the evaluation scored (held-out: at most its documents).
+    counted = section_items(TINY_EVAL)
+    assert {k: v for k, v in report["items"].items() if k != "heldout"} == {k: v for k, v in counted.items() if k != "heldout"}
+    assert 0 < report["items"]["heldout"] <= counted["heldout"]
+    assert any(line.startswith("evaluation reserve: ") for line in lines)  # estimated: eval_minutes not given
     assert (out / "report" / "report.md").read_text().startswith("# bytelift evaluation")
     assert (out / "report" / "training_curves.png").is_file()  # stage1/ and stage2/ logs were found
     assert "**'Hello'**" in (out / "samples.md").read_text()

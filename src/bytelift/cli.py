@@ -470,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder (default runs/<source>-bytes)")
     p.add_argument("--budget-minutes", dest="budget_minutes", type=positive_float, help="whole job (default 30)")
     p.add_argument("--eval-minutes", dest="eval_minutes", type=nonnegative_float,
-                   help="reserve for evaluation and samples, within the budget (default 9.5)")
+                   help="reserve for evaluation and samples, within the budget (default: estimated from the "
+                        "evaluation's items and a probe of this machine's speed)")
     p.add_argument("--snapshot-minutes", dest="snapshot_minutes", type=_minutes_list, metavar="M1,M2,...",
                    help="keep the model after these training minutes in <output>/stage<k>/snapshots/ "
                         "(a learning curve from one run: benchmarks/learning_curve.py)")

@@ -18,8 +18,8 @@ started is a fresh start):
 5. evaluation against the source (`<output>/report/`: report.json, report.md, plots);
 6. sample generations (`<output>/samples.md`).
 
-Time: the evaluation and samples get a fixed reserve (`eval_minutes`); training gets the rest of the
-budget, `stage1_share` of it to stage 1 and what then remains to stage 2 (so an overrun of stage 1 is
+Time: the evaluation and samples get a reserve (`eval_minutes`; by default estimated from the evaluation's
+items and this machine's speed, `evaluation.timing`); training gets the rest of the budget, `stage1_share` of it to stage 1 and what then remains to stage 2 (so an overrun of stage 1 is
 absorbed by stage 2). Training runs are sized by time: their learning-rate schedules follow the share of
 their time spent (`TrainConfig.max_steps=None`).
 """
@@ -67,9 +67,10 @@ class ConvertConfig:
     data_weights: list[float] | None = None
     output: str = "runs/smollm2-135m-bytes"
     budget_minutes: float = 30.0
-    # reserve for the evaluation and samples: measured 8.8 min on idle cores for the default items (200
-    # LAMBADA, 200 HellaSwag, every other section), plus loading both models
-    eval_minutes: float = 9.5
+    # Reserve for the evaluation and samples. None: estimated before anything runs from the evaluation's
+    # items and a probe of this machine's speed (`evaluation.timing.estimated_eval_minutes`), so the job
+    # keeps to its budget on a slower machine too.
+    eval_minutes: float | None = None
     # Stage 1's share of the training time. Stage 2 (the global model trained too) makes more of a short
     # budget than stage 1 does (A/B at equal minutes and the default job at both splits: benchmarks/README.md).
     stage1_share: float = 0.35
@@ -113,7 +114,7 @@ class ConvertConfig:
         from bytelift.checks import check_number
 
         check_number("budget_minutes", self.budget_minutes, 0, float("inf"), low_open=True, high_open=True)
-        check_number("eval_minutes", self.eval_minutes, 0, float("inf"), high_open=True)
+        check_number("eval_minutes", self.eval_minutes, 0, float("inf"), high_open=True, optional=True)
         check_number("stage1_share", self.stage1_share, 0, 1, low_open=True, high_open=True)
         for name in ("stage1_steps", "stage2_steps"):
             check_number(name, getattr(self, name), 1, optional=True)
@@ -173,13 +174,27 @@ class _State:
         self._write()
 
 
-def check_inputs(cfg: ConvertConfig, log=print) -> tuple[list[str], list[dict[str, Any]]]:
+def eval_reserve(cfg: ConvertConfig, log=print) -> float:
+    """Minutes set aside for the evaluation and samples: `cfg.eval_minutes`, or when None the estimate for
+    `cfg.eval`'s items on this machine (a probe of a second or so; logged)."""
+    if cfg.eval_minutes is not None:
+        return cfg.eval_minutes
+    from bytelift.evaluation.timing import estimated_eval_minutes, machine_slowdown
+
+    slowdown = machine_slowdown()
+    minutes = estimated_eval_minutes(cfg.eval, slowdown)
+    log(f"evaluation reserve: {minutes:.1f} min (its items at {slowdown:.2f}× the reference machine's time; "
+        "--eval-minutes sets it)")
+    return minutes
+
+
+def check_inputs(cfg: ConvertConfig, log=print, reserve: float | None = None) -> tuple[list[str], list[dict[str, Any]]]:
     """Everything `convert` checks before it writes anything (`bytelift.preflight`), cheapest first: the
     output folder, the stage-1 model when given, the corpus (read and split as the stages will), the source
     model, whether the corpus holds enough training and held-out text for the run, and the budget. Logs the
     corpus report per source; returns the corpus paths (the default corpus, built in the bytelift cache,
-    when none is given) and the sources as read and split (`corpus_reading.SourceStats` as dicts). Raises
-    UsageError."""
+    when none is given) and the sources as read and split (`corpus_reading.SourceStats` as dicts). `reserve`:
+    the evaluation's minutes (`eval_reserve`; computed when None). Raises UsageError."""
     from bytelift.checks import UsageError, model_folder
     from bytelift.corpus_reading import corpus_options
     from bytelift.preflight import check_corpus, check_model_overrides, read_training_corpus
@@ -204,10 +219,11 @@ def check_inputs(cfg: ConvertConfig, log=print) -> tuple[list[str], list[dict[st
     checked = check_corpus(corpus, tokenizer, window_tokens=cfg.window_tokens, batch_size=cfg.batch_size, steps=steps)
     for line in checked.lines:
         log(line)
-    training = cfg.budget_minutes - cfg.eval_minutes - OVERHEAD_MINUTES
+    reserve = eval_reserve(cfg, log) if reserve is None else reserve
+    training = cfg.budget_minutes - reserve - OVERHEAD_MINUTES
     if not (cfg.stage1_steps and cfg.stage2_steps) and training < 2 * MIN_STAGE_MINUTES:
         log(f"note: the budget ({cfg.budget_minutes:g} min) leaves {max(training, 0):.1f} min for training after the "
-            f"evaluation reserve ({cfg.eval_minutes:g} min) and loading ({OVERHEAD_MINUTES:g} min): each stage trains "
+            f"evaluation reserve ({reserve:.1f} min) and loading ({OVERHEAD_MINUTES:g} min): each stage trains "
             f"its minimum of {MIN_STAGE_MINUTES:g} min, and the evaluation takes as long as its items do (fewer "
             "items make it shorter, e.g. --lambada 50 --hellaswag 50)")
     return data, [dataclasses.asdict(s) for s in checked.stats.sources]
@@ -280,18 +296,20 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
     Its inputs are checked first (`check_inputs`): a refused job writes nothing. A job that fails before
     leaving anything to resume removes the output folder it created."""
     start = time.time()
-    data, sources = check_inputs(cfg, log)
+    reserve = eval_reserve(cfg, log)
+    data, sources = check_inputs(cfg, log, reserve)
     output = Path(cfg.output)
     created = not output.exists()
     try:
-        return _convert(cfg, data, sources, start, log)
+        return _convert(cfg, data, sources, start, log, reserve)
     except BaseException:
         if created and output.is_dir() and not _resumable(output):
             shutil.rmtree(output, ignore_errors=True)
         raise
 
 
-def _convert(cfg: ConvertConfig, data: list[str], sources: list[dict], start: float, log) -> dict[str, Any]:
+def _convert(cfg: ConvertConfig, data: list[str], sources: list[dict], start: float, log,
+             reserve: float) -> dict[str, Any]:
     from bytelift.training import train
     from bytelift.training_callbacks import write_json_atomically
 
@@ -325,7 +343,7 @@ def _convert(cfg: ConvertConfig, data: list[str], sources: list[dict], start: fl
         state.mark("corpus", _minutes_since(t), {"data": data, "sources": sources})
 
     def training_minutes_left() -> float:
-        return (deadline - time.time()) / 60 - cfg.eval_minutes - OVERHEAD_MINUTES
+        return (deadline - time.time()) / 60 - reserve - OVERHEAD_MINUTES
 
     common = dict(data=data, text_field=cfg.text_field, text_suffixes=list(cfg.text_suffixes),
                   encoding_errors=cfg.encoding_errors, data_weights=cfg.data_weights, window_tokens=cfg.window_tokens,
