@@ -19,8 +19,8 @@ started is a fresh start):
 6. sample generations (`<output>/samples.md`).
 
 Time: the evaluation and samples get a reserve (`eval_minutes`; by default estimated from the evaluation's
-items and this machine's speed, `evaluation.timing`); training gets the rest of the budget, `stage1_share` of it to stage 1 and what then remains to stage 2 (so an overrun of stage 1 is
-absorbed by stage 2). Training runs are sized by time: their learning-rate schedules follow the share of
+items and this machine's speed, `evaluation.timing`); training gets the rest of the budget, `stage1_share`
+of it to stage 1 and what then remains to stage 2 (so an overrun of stage 1 is absorbed by stage 2). Training runs are sized by time: their learning-rate schedules follow the share of
 their time spent (`TrainConfig.max_steps=None`).
 """
 
@@ -176,7 +176,7 @@ class _State:
 
 def eval_reserve(cfg: ConvertConfig, log=print) -> float:
     """Minutes set aside for the evaluation and samples: `cfg.eval_minutes`, or when None the estimate for
-    `cfg.eval`'s items on this machine (a probe of a second or so; logged)."""
+    `cfg.eval`'s items on this machine (a CPU probe of a few seconds; logged)."""
     if cfg.eval_minutes is not None:
         return cfg.eval_minutes
     from bytelift.evaluation.timing import estimated_eval_minutes, machine_slowdown
@@ -188,13 +188,13 @@ def eval_reserve(cfg: ConvertConfig, log=print) -> float:
     return minutes
 
 
-def check_inputs(cfg: ConvertConfig, log=print, reserve: float | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+def check_inputs(cfg: ConvertConfig, log=print) -> tuple[list[str], list[dict[str, Any]], float]:
     """Everything `convert` checks before it writes anything (`bytelift.preflight`), cheapest first: the
     output folder, the stage-1 model when given, the corpus (read and split as the stages will), the source
     model, whether the corpus holds enough training and held-out text for the run, and the budget. Logs the
     corpus report per source; returns the corpus paths (the default corpus, built in the bytelift cache,
-    when none is given) and the sources as read and split (`corpus_reading.SourceStats` as dicts). `reserve`:
-    the evaluation's minutes (`eval_reserve`; computed when None). Raises UsageError."""
+    when none is given), the sources as read and split (`corpus_reading.SourceStats` as dicts) and the
+    evaluation's reserve in minutes (`eval_reserve`, once the cheaper checks passed). Raises UsageError."""
     from bytelift.checks import UsageError, model_folder
     from bytelift.corpus_reading import corpus_options
     from bytelift.preflight import check_corpus, check_model_overrides, read_training_corpus
@@ -219,14 +219,14 @@ def check_inputs(cfg: ConvertConfig, log=print, reserve: float | None = None) ->
     checked = check_corpus(corpus, tokenizer, window_tokens=cfg.window_tokens, batch_size=cfg.batch_size, steps=steps)
     for line in checked.lines:
         log(line)
-    reserve = eval_reserve(cfg, log) if reserve is None else reserve
+    reserve = eval_reserve(cfg, log)
     training = cfg.budget_minutes - reserve - OVERHEAD_MINUTES
     if not (cfg.stage1_steps and cfg.stage2_steps) and training < 2 * MIN_STAGE_MINUTES:
         log(f"note: the budget ({cfg.budget_minutes:g} min) leaves {max(training, 0):.1f} min for training after the "
             f"evaluation reserve ({reserve:.1f} min) and loading ({OVERHEAD_MINUTES:g} min): each stage trains "
             f"its minimum of {MIN_STAGE_MINUTES:g} min, and the evaluation takes as long as its items do (fewer "
             "items make it shorter, e.g. --lambada 50 --hellaswag 50)")
-    return data, [dataclasses.asdict(s) for s in checked.stats.sources]
+    return data, [dataclasses.asdict(s) for s in checked.stats.sources], reserve
 
 
 def _check_output(output: Path, resume: bool) -> None:
@@ -296,8 +296,7 @@ def convert(cfg: ConvertConfig, log=print) -> dict[str, Any]:
     Its inputs are checked first (`check_inputs`): a refused job writes nothing. A job that fails before
     leaving anything to resume removes the output folder it created."""
     start = time.time()
-    reserve = eval_reserve(cfg, log)
-    data, sources = check_inputs(cfg, log, reserve)
+    data, sources, reserve = check_inputs(cfg, log)
     output = Path(cfg.output)
     created = not output.exists()
     try:

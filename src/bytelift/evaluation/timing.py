@@ -27,18 +27,19 @@ REFERENCE_SECONDS_PER_ITEM = {
     "loops": 6.33,  # per prompt (128 greedy bytes from each model)
 }
 # Loading both models, writing the report and the plots, the samples: minutes, at the reference speed.
-REFERENCE_FIXED_MINUTES = 0.5
-REFERENCE_PROBE_SECONDS = 0.92
+REFERENCE_FIXED_MINUTES = 0.3
+REFERENCE_PROBE_SECONDS = 0.87
 # The estimate is scaled by the probe's slowdown, but not below this: a probe that ran fast must not shrink
 # the reserve past what the reference machine's figures plus noise would allow.
 MIN_SLOWDOWN = 0.6
-# Margin on the estimate: the probe's spread between runs (0.88 to 0.98 s on one machine).
+# Margin on the estimate: the probe's spread between runs (0.82 to 0.92 s on the reference machine).
 SAFETY = 1.05
 # The probe: PROBE_REPEATS products of (PROBE_ROWS × d) by (d × 4d) float32 matrices, d the width of
 # SmolLM2-135M: the shape of the evaluation's dominant work (the models' linear layers), run on all threads.
 PROBE_ROWS, PROBE_WIDTH, PROBE_REPEATS = 2048, 576, 24
-# The probe is timed this many times and the fastest kept: a busy moment makes one run slow, never fast.
-PROBE_TRIALS = 3
+# The probe is timed this many times and the fastest kept: a busy moment makes one run slow, never fast
+# (REFERENCE_PROBE_SECONDS: the median of such readings).
+PROBE_TRIALS = 5
 
 
 def cpu_probe_seconds() -> float:
