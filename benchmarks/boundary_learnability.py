@@ -1,6 +1,8 @@
 """What limits the learned boundary predictor: its form, its inputs, or its lookahead?
 
-Two probes on the default corpus, each training only a predictor (BCE against the source's token ends, the
+First, `--breakdown MODEL`: where a trained model's boundary errors fall on the report's held-out documents
+(the last byte of a source pretoken, or inside one). Then two probes on the default corpus, each training
+only a predictor (BCE against the source's token ends, the
 same batches for every arm) and scoring held-out F1 at p > 0.5 along the way:
 
 1. `--encoder MODEL`: predictors on the frozen encoder states of a trained byte model (e.g. a default job's
@@ -10,6 +12,7 @@ same batches for every arm) and scoring held-out F1 at p > 0.5 along the way:
    source embeddings of the longest-suffix ids at t .. t+k, through a 2-layer MLP — for each lookahead k:
    what the inputs allow at k bytes of lookahead, given thousands of windows instead of a job's hundreds.
 
+    python benchmarks/boundary_learnability.py --breakdown <job>
     python benchmarks/boundary_learnability.py --encoder <job>/stage1 --steps 300
     python benchmarks/boundary_learnability.py --lookahead 1,2,3 --steps 1000 --batch 8
 """
@@ -130,8 +133,36 @@ def train_arm(name, predictor, inputs, train, held, steps, lr):
     print(f"| {name} | {' · '.join(curve)} | {time.perf_counter() - start:.0f} |", flush=True)
 
 
+def breakdown(folder: str) -> None:
+    """Boundary errors of a trained model at pretoken ends and inside pretokens, on the report's documents."""
+    import numpy as np
+
+    from bytelift.evaluation.runner import EvalConfig, heldout_documents, source_segmentation
+    from bytelift.evaluation.scoring import ByteScorer
+
+    model = ByteliftForCausalLM.from_pretrained(folder).eval()
+    pre = model.tokenizer.source_tokenizer.backend_tokenizer.pre_tokenizer
+    segmented = [x for x in (source_segmentation(model.tokenizer, t) for t in heldout_documents(EvalConfig()))
+                 if x is not None]
+    scored = ByteScorer(model).score([(b"", data) for data, _ in segmented])
+    counts = {"pretoken end": np.zeros(4, int), "inside a pretoken": np.zeros(4, int)}  # bytes, tp, fp, fn
+    for (data, gold), s in zip(segmented, scored):
+        pred = np.asarray(s.boundaries, bool)
+        n = min(len(pred), len(gold))
+        pred, gold = pred[:n], np.asarray(gold, bool)[:n]
+        last = np.zeros(len(data), bool)  # byte-level pretokens: one character per byte
+        last[np.cumsum([len(p) for p, _ in pre.pre_tokenize_str(data.decode("utf-8"))]) - 1] = True
+        for name, where in (("pretoken end", last[:n]), ("inside a pretoken", ~last[:n])):
+            p, g = pred[where], gold[where]
+            counts[name] += [where.sum(), (p & g).sum(), (p & ~g).sum(), (~p & g).sum()]
+    print("| where | bytes | true ends | false cuts | misses |\n|---|---|---|---|---|")
+    for name, (n, tp, fp, fn) in counts.items():
+        print(f"| {name} | {n:,} | {tp:,} | {fp:,} | {fn:,} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--breakdown", help="a byte model folder: where its boundary errors fall")
     parser.add_argument("--encoder", help="a byte model folder: probe 1 on its frozen encoder states")
     parser.add_argument("--lookahead", default="", help="comma-separated k: probe 2 at each")
     parser.add_argument("--model", default=None, help="byte model whose tokenizer and subword table probe 2 "
@@ -141,6 +172,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    if args.breakdown:
+        breakdown(args.breakdown)
+        if not (args.encoder or args.lookahead):
+            return
     folder = args.model or args.encoder
     model = (ByteliftForCausalLM.from_pretrained(folder) if folder else ByteliftForCausalLM.from_source()).eval()
     tok = model.tokenizer
