@@ -32,9 +32,13 @@ def test_default_items_fit_the_default_budget():
     assert 5 < timing.estimated_eval_minutes(EvalConfig()) < 15
 
 
-def test_probe_times_real_work():
+def test_probe_times_its_workload(monkeypatch):
     seconds = timing.cpu_probe_seconds()
     assert math.isfinite(seconds) and seconds > 0
+    monkeypatch.setattr(timing, "PROBE_REPEATS", 0)  # the same probe with nothing inside the timed loop
+    assert timing.cpu_probe_seconds() < seconds / 20
+    monkeypatch.setattr(timing, "cpu_probe_seconds", lambda: 2 * timing.REFERENCE_PROBE_SECONDS)
+    assert timing.machine_slowdown() == pytest.approx(2.0) or timing.torch.cuda.is_available()
 
 
 def test_reserve_uses_the_given_minutes_or_the_estimate(monkeypatch, tmp_path):

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from bytelift.char_skills import CharSkillGenerator
 from bytelift.evaluation.runner import EvalConfig
 
 # Seconds per item of each evaluation section for SmolLM2-135M and its byte model (both models scored, 2 CPU
@@ -63,7 +64,7 @@ def section_items(cfg: EvalConfig) -> dict[str, int]:
         "heldout": cfg.heldout_docs,
         "lambada": cfg.lambada,
         "hellaswag": cfg.hellaswag,
-        "characters": cfg.cute_per_task * 14 + cfg.basic_skills,
+        "characters": cfg.cute_per_task * len(CharSkillGenerator.TASKS) + cfg.basic_skills,
         "loops": len(cfg.loop_prompts) if cfg.loop_bytes > 0 else 0,
     }
 
