@@ -32,7 +32,7 @@ from bytelift.corpus_reading import read_corpus
 from bytelift.data import ByteCollator, ByteWindowDataset
 from bytelift.evaluation.runner import default_heldout_data
 from bytelift.modeling import ByteliftForCausalLM
-from bytelift.objectives import decidable_positions
+from bytelift.objectives import decidable_positions, precision_recall_f1
 
 WINDOW_TOKENS, BYTE_EXPANSION = 128, 6.0  # the default job's windows
 EVAL_BATCHES, EVAL_BATCH = 64, 8  # every held-out window of the default corpus
@@ -55,7 +55,7 @@ def shifted(x: torch.Tensor, offset: int) -> torch.Tensor:
     """(B, L, d) -> (B, L, d) whose row t holds x[t + offset] (zeros past either end)."""
     L = x.shape[1]
     padded = F.pad(x, (0, 0, max(-offset, 0), max(offset, 0)))
-    start = max(offset, 0) if offset >= 0 else 0
+    start = max(offset, 0)
     return padded[:, start : start + L]
 
 
@@ -107,9 +107,7 @@ class FeaturePredictor(nn.Module):
 
 def f1_at_half(logp: torch.Tensor, gold: torch.Tensor) -> float:
     pred = logp > math.log(0.5)
-    tp = (pred & gold).sum().item()
-    p, r = tp / max(pred.sum().item(), 1), tp / max(gold.sum().item(), 1)
-    return 2 * p * r / max(p + r, 1e-9)
+    return precision_recall_f1((pred & gold).sum().item(), pred.sum().item(), gold.sum().item())["boundary_f1"]
 
 
 def train_arm(name, predictor, inputs, train, held, steps, lr):
